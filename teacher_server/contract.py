@@ -1,0 +1,230 @@
+"""The teacher contract in Python: typed requests, results, errors and the `Teacher` protocol.
+
+Three implementations answer it: `client.TeacherClient` (gRPC), `local.LocalTeacher` (in-process)
+and test doubles. The first two delegate to the same `engine.TeacherEngine`, so their answers are
+the same numbers. Student code depends on this module only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+class TeacherError(Exception):
+    """Base class of every error the teacher reports; maps to one gRPC status (see servicer)."""
+
+
+class InvalidRequest(TeacherError, ValueError):
+    """The request is malformed (bad ids, lengths, temperature, top_k...). gRPC INVALID_ARGUMENT."""
+
+
+class Overloaded(TeacherError):
+    """The server's queue is full; retry later. gRPC RESOURCE_EXHAUSTED."""
+
+
+class Cancelled(TeacherError):
+    """The caller went away or its deadline passed before the work finished."""
+
+
+class TeacherUnavailable(TeacherError):
+    """No endpoint answered within the deadline (after retries). gRPC UNAVAILABLE / DEADLINE."""
+
+
+class TeacherMismatch(TeacherError):
+    """The teacher's vocabulary or tokenizer differs from the student's."""
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    model_name: str
+    vocab_size: int
+    tokenizer_fingerprint: str
+    max_sequence_length: int
+    dtype: str
+    top_k_limit: int
+    max_full_row_positions: int
+    device: str
+
+    def check_compatible(self, vocab_size: int, tokenizer_fingerprint: str) -> None:
+        """Raise `TeacherMismatch` naming both sides unless the student can learn from this teacher."""
+        problems = []
+        if vocab_size != self.vocab_size:
+            problems.append(f"vocab size: teacher {self.vocab_size}, student {vocab_size}")
+        if tokenizer_fingerprint != self.tokenizer_fingerprint:
+            problems.append(
+                f"tokenizer fingerprint: teacher {self.tokenizer_fingerprint[:16] or '<none>'}, "
+                f"student {tokenizer_fingerprint[:16] or '<none>'}"
+            )
+        if problems:
+            raise TeacherMismatch(
+                f"teacher {self.model_name!r} cannot teach this student (" + "; ".join(problems) + ")"
+            )
+
+
+@dataclass(frozen=True)
+class ScoredSequence:
+    """Teacher log-probs for the n = length - score_from scored positions of one sequence."""
+
+    topk_ids: torch.Tensor  # int64 [n, k], most likely first
+    topk_logprobs: torch.Tensor  # float32 [n, k]
+    token_logprobs: torch.Tensor  # float32 [n], log-prob of the actual token at each position
+    full_logprobs: torch.Tensor | None = None  # float32 [n, V] when asked for
+
+    @property
+    def tail_mass(self) -> torch.Tensor:
+        """float32 [n]: probability mass outside the top-k, 1 - sum(exp(topk_logprobs))."""
+        return (1.0 - self.topk_logprobs.exp().sum(-1)).clamp_min(0.0)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to continue prompts. temperature 0 is greedy; top_k 0 and top_p 1 disable filters."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    return_logprobs: bool = False
+    logprobs_top_k: int = 0
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one generation batch (seeds stay per prompt)."""
+        return (self.temperature, self.top_p, self.top_k, self.stop_ids, self.return_logprobs,
+                self.logprobs_top_k)
+
+
+@dataclass(frozen=True)
+class Generation:
+    token_ids: torch.Tensor  # int64 [n], generated tokens only
+    finish_reason: str  # "stop" | "length"
+    token_logprobs: torch.Tensor | None = None  # float32 [n]
+    topk_ids: torch.Tensor | None = None  # int64 [n, k]
+    topk_logprobs: torch.Tensor | None = None  # float32 [n, k]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server accepts; checked by `validate_score` / `validate_generate`."""
+
+    vocab_size: int
+    max_sequence_length: int
+    top_k_limit: int = 128
+    max_full_row_positions: int = 4096
+    max_sequences: int = 1024
+    max_new_tokens_limit: int = 4096
+
+
+TokenSeq = Sequence[int] | torch.Tensor
+
+
+@dataclass
+class ScoreArgs:
+    """A validated score request, in internal form."""
+
+    sequences: list[torch.Tensor]  # int64 [length] each
+    score_from: list[int]
+    top_k: int
+    temperature: float = 1.0
+    full_logprobs: bool = False
+    num_positions: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.num_positions = sum(len(s) - f for s, f in zip(self.sequences, self.score_from))
+
+
+def as_ids(seq: TokenSeq) -> torch.Tensor:
+    if isinstance(seq, torch.Tensor):
+        return seq.detach().to("cpu", torch.int64).reshape(-1)
+    return torch.tensor(list(seq), dtype=torch.int64)
+
+
+def _check_temperature(t: float, allow_zero: bool) -> None:
+    if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0 or (t == 0 and not allow_zero):
+        need = ">= 0" if allow_zero else "> 0"
+        raise InvalidRequest(f"temperature must be finite and {need}, got {t}")
+
+
+def _check_ids(ids: torch.Tensor, what: str, limits: Limits) -> None:
+    if ids.numel() == 0:
+        raise InvalidRequest(f"{what} is empty")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= limits.vocab_size:
+        raise InvalidRequest(f"{what} has token id {hi if hi >= limits.vocab_size else lo} "
+                             f"outside [0, {limits.vocab_size})")
+
+
+def validate_score(args: ScoreArgs, limits: Limits) -> None:
+    """Raise `InvalidRequest` with a precise message for anything the engine must not see."""
+    if not args.sequences:
+        raise InvalidRequest("no sequences to score")
+    if len(args.sequences) > limits.max_sequences:
+        raise InvalidRequest(f"{len(args.sequences)} sequences exceed the limit of {limits.max_sequences}")
+    if len(args.score_from) != len(args.sequences):
+        raise InvalidRequest("score_from needs one entry per sequence")
+    for i, (ids, start) in enumerate(zip(args.sequences, args.score_from)):
+        _check_ids(ids, f"sequence {i}", limits)
+        if len(ids) > limits.max_sequence_length:
+            raise InvalidRequest(f"sequence {i} has {len(ids)} tokens, more than the limit of "
+                                 f"{limits.max_sequence_length}")
+        if not 1 <= start <= len(ids):
+            raise InvalidRequest(f"sequence {i}: score_from must be in [1, {len(ids)}], got {start}")
+    if not 0 <= args.top_k <= limits.top_k_limit:
+        raise InvalidRequest(f"top_k must be in [0, {limits.top_k_limit}], got {args.top_k}")
+    if args.top_k > limits.vocab_size:
+        raise InvalidRequest(f"top_k {args.top_k} exceeds the vocabulary ({limits.vocab_size})")
+    _check_temperature(args.temperature, allow_zero=False)
+    if args.full_logprobs and args.num_positions > limits.max_full_row_positions:
+        raise InvalidRequest(f"full log-prob rows for {args.num_positions} positions exceed the limit "
+                             f"of {limits.max_full_row_positions} (each row is "
+                             f"{4 * limits.vocab_size} bytes); use top_k instead")
+
+
+def validate_generate(prompts: list[torch.Tensor], params: SamplingParams, limits: Limits) -> None:
+    if not prompts:
+        raise InvalidRequest("no prompts to generate from")
+    if len(prompts) > limits.max_sequences:
+        raise InvalidRequest(f"{len(prompts)} prompts exceed the limit of {limits.max_sequences}")
+    if not 1 <= params.max_new_tokens <= limits.max_new_tokens_limit:
+        raise InvalidRequest(f"max_new_tokens must be in [1, {limits.max_new_tokens_limit}], "
+                             f"got {params.max_new_tokens}")
+    for i, ids in enumerate(prompts):
+        _check_ids(ids, f"prompt {i}", limits)
+        if len(ids) + params.max_new_tokens > limits.max_sequence_length:
+            raise InvalidRequest(f"prompt {i} ({len(ids)} tokens) + max_new_tokens "
+                                 f"({params.max_new_tokens}) exceed the limit of "
+                                 f"{limits.max_sequence_length}")
+    _check_temperature(params.temperature, allow_zero=True)
+    if not (math.isfinite(params.top_p) and 0 < params.top_p <= 1):
+        raise InvalidRequest(f"top_p must be in (0, 1], got {params.top_p}")
+    for name, k in (("top_k", params.top_k), ("logprobs_top_k", params.logprobs_top_k)):
+        if not 0 <= k <= min(limits.top_k_limit, limits.vocab_size):
+            raise InvalidRequest(f"{name} must be in [0, {min(limits.top_k_limit, limits.vocab_size)}], "
+                                 f"got {k}")
+    for s in params.stop_ids:
+        if not 0 <= s < limits.vocab_size:
+            raise InvalidRequest(f"stop id {s} outside [0, {limits.vocab_size})")
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """What a student worker needs from a teacher, wherever it runs."""
+
+    def info(self) -> TeacherInfo: ...
+
+    def score(
+        self,
+        sequences: Sequence[TokenSeq],
+        score_from: Sequence[int],
+        *,
+        top_k: int,
+        temperature: float = 1.0,
+        full_logprobs: bool = False,
+    ) -> list[ScoredSequence]: ...
+
+    def generate(self, prompts: Sequence[TokenSeq], params: SamplingParams) -> list[Generation]: ...
