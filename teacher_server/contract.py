@@ -14,6 +14,11 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 
+# gRPC trailing metadata key the server sets on refusals worth retrying later (queue full,
+# loading, draining), to tell them from RESOURCE_EXHAUSTED for an over-sized message.
+RETRYABLE_KEY = "distillery-retryable"
+
+
 class TeacherError(Exception):
     """Base class of every error the teacher reports; maps to one gRPC status (see servicer)."""
 

@@ -1,0 +1,165 @@
+"""TeacherClient: the teacher contract over gRPC, returning torch tensors.
+
+    client = TeacherClient(["127.0.0.1:50051", "127.0.0.1:50052"], timeout_s=60)
+    scored = client.score([ids], [len(prompt)], top_k=16)
+
+- Every call has a deadline (`timeout_s` for the whole call, retries included).
+- UNAVAILABLE (server down, restarting, loading or draining) is retried with exponential backoff
+  and jitter, moving to the next endpoint each time, until the deadline; then `TeacherUnavailable`.
+- Endpoints are used round-robin, one call each. A `dns:///name:port` target (a Kubernetes
+  headless Service) gets gRPC's own round_robin policy over its addresses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import threading
+import time
+from typing import Callable, Sequence
+
+import grpc
+
+from . import wire
+from .contract import (
+    RETRYABLE_KEY,
+    Generation,
+    InvalidRequest,
+    Overloaded,
+    SamplingParams,
+    ScoreArgs,
+    ScoredSequence,
+    TeacherError,
+    TeacherInfo,
+    TeacherUnavailable,
+    TokenSeq,
+    as_ids,
+)
+from .pb import teacher_pb2 as pb
+from .pb import teacher_pb2_grpc as pb_grpc
+
+_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def _marked_retryable(err: grpc.RpcError) -> bool:
+    """A full queue is worth retrying; an over-sized message (also RESOURCE_EXHAUSTED) is not."""
+    return any(k == RETRYABLE_KEY for k, _ in (err.trailing_metadata() or ()))
+
+
+def _raise_for(err: grpc.RpcError, endpoint: str) -> None:
+    code, detail = err.code(), err.details()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        raise InvalidRequest(detail) from None
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        raise Overloaded(f"{endpoint}: {detail}") from None
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        raise TeacherUnavailable(f"teacher at {endpoint}: {code.name}: {detail}") from None
+    raise TeacherError(f"teacher at {endpoint}: {code.name}: {detail}") from None
+
+
+class TeacherClient:
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        timeout_s: float = 120.0,
+        backoff_s: float = 0.05,
+        max_backoff_s: float = 2.0,
+        retry_overloaded: bool = True,
+        token: str | None = None,
+        max_message_mb: int = 256,
+    ) -> None:
+        self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+        if not self.endpoints:
+            raise ValueError("TeacherClient needs at least one endpoint")
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.retry_overloaded = retry_overloaded
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        size = max_message_mb * 1024 * 1024
+        options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+                   ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 0)]
+        self._channels = [grpc.insecure_channel(e, options=options) for e in self.endpoints]
+        self._stubs = [pb_grpc.TeacherStub(c) for c in self._channels]
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+        self.last_latency_s = 0.0
+        self._info: TeacherInfo | None = None
+
+    # ------------------------------------------------------------------ calls
+    def info(self) -> TeacherInfo:
+        self._info = wire.info_from_pb(self._call(lambda s: s.Info, pb.InfoRequest()))
+        return self._info
+
+    def score(self, sequences: Sequence[TokenSeq], score_from: Sequence[int], *, top_k: int,
+              temperature: float = 1.0, full_logprobs: bool = False) -> list[ScoredSequence]:
+        args = ScoreArgs([as_ids(s) for s in sequences], list(score_from), top_k, temperature,
+                         full_logprobs)
+        reply = self._call(lambda s: s.Score, wire.score_request_to_pb(args))
+        return [wire.scored_from_pb(m) for m in reply.sequences]
+
+    def generate(self, prompts: Sequence[TokenSeq], params: SamplingParams) -> list[Generation]:
+        msg = wire.generate_request_to_pb([as_ids(p) for p in prompts], params)
+        reply = self._call(lambda s: s.Generate, msg)
+        return [wire.generation_from_pb(g) for g in reply.generations]
+
+    def close(self) -> None:
+        for c in self._channels:
+            c.close()
+
+    def __enter__(self) -> "TeacherClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ retries
+    def _call(self, method: Callable[[pb_grpc.TeacherStub], Callable], request):
+        start = time.monotonic()
+        deadline = start + self.timeout_s
+        attempt = 0
+        while True:
+            with self._lock:
+                i = next(self._next) % len(self._stubs)
+            remaining = deadline - time.monotonic()
+            try:
+                reply = method(self._stubs[i])(request, timeout=max(remaining, 0.001),
+                                               metadata=self._metadata)
+                self.last_latency_s = time.monotonic() - start
+                return reply
+            except grpc.RpcError as err:
+                retryable = err.code() == grpc.StatusCode.UNAVAILABLE or (
+                    self.retry_overloaded and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    and _marked_retryable(err))
+                delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random())
+                if not retryable or time.monotonic() + delay >= deadline:
+                    if retryable or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        raise TeacherUnavailable(
+                            f"no teacher answered within {self.timeout_s:.1f}s after {attempt + 1} "
+                            f"attempt(s) (endpoints {', '.join(self.endpoints)}; last: "
+                            f"{err.code().name}: {err.details()})") from None
+                    _raise_for(err, self.endpoints[i])
+                time.sleep(delay)
+                attempt += 1
+
+
+def wait_until_serving(endpoint: str, timeout_s: float = 60.0, service: str = "") -> None:
+    """Poll grpc.health.v1 until `endpoint` reports SERVING; raise TeacherUnavailable on timeout."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    with grpc.insecure_channel(endpoint) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError as err:
+                last = err.code().name
+            time.sleep(0.1)
+    raise TeacherUnavailable(f"teacher at {endpoint} not SERVING after {timeout_s:.0f}s (last: {last})")

@@ -1,0 +1,324 @@
+"""TeacherEngine: pure compute on token tensors (score and generate). No I/O beyond loading.
+
+Both the gRPC server (through the batcher) and `LocalTeacher` call this class, so served and
+in-process answers are the same numbers.
+
+Score runs the decoder once over right- or left-padded micro-batches and applies the output head
+only at the scored positions ([N, H] @ [H, V] instead of [B, T, V] logits), in chunks, so memory
+grows with the positions asked for, not with the batch's padded length.
+
+Generate is a batched sampling loop with a KV cache over left-padded prompts. Each prompt has its
+own torch.Generator seeded from (seed, index), so a seeded answer does not depend on how requests
+were batched together; rows that finish or are cancelled leave the batch and the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .contract import (
+    Generation,
+    Limits,
+    SamplingParams,
+    ScoreArgs,
+    ScoredSequence,
+    TeacherInfo,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to load and run the teacher. Server-side only: nothing here comes from a request."""
+
+    model_dir: str
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1"
+    dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    compile: bool = False  # torch.compile the decoder
+    trust_remote_code: bool = False  # only ever set by the operator's command line
+    max_sequence_length: int | None = None  # default: the model's max_position_embeddings
+    padding_side: str = "right"  # padding of score micro-batches: "right" | "left"
+    max_batch_tokens: int = 16384  # padded tokens per score micro-batch
+    head_chunk_positions: int = 2048  # positions per output-head chunk ([chunk, V] logits)
+    top_k_limit: int = 128
+    max_full_row_positions: int = 4096
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over the vocabulary (token -> id, added tokens included) and the special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
+    blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_tokenizer_fingerprint(model_dir: str | Path) -> str:
+    """Fingerprint of the tokenizer saved in `model_dir`, or "" when it has none."""
+    from transformers import AutoTokenizer
+
+    has_tokenizer = any((Path(model_dir) / f).exists()
+                        for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    if not has_tokenizer:
+        return ""
+    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(model_dir)))
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """The directory must exist and hold safetensors weights; pickled weights are never loaded."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"{path} has no *.safetensors weights; Distillery loads safetensors only "
+                         "(convert pickled .bin checkpoints first)")
+    return path
+
+
+class TeacherEngine:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig, fingerprint: str = "",
+                 name: str = "model") -> None:
+        self.model = model.eval()
+        self.config = config
+        self.device = next(model.parameters()).device
+        self.name = name
+        self.fingerprint = fingerprint
+        self._decoder = model.get_decoder()
+        self._head = model.get_output_embeddings()
+        self._softcap = getattr(model.config, "final_logit_softcapping", None)
+        if config.compile:
+            self._decoder = torch.compile(self._decoder, dynamic=True)
+        self.vocab_size = int(self._head.weight.shape[0])
+        max_pos = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.max_sequence_length = min(config.max_sequence_length or max_pos, max_pos)
+        self._lock = threading.Lock()  # one computation at a time; the model is not re-entrant
+
+    @classmethod
+    def load(cls, config: EngineConfig) -> "TeacherEngine":
+        from transformers import AutoModelForCausalLM
+
+        if config.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        path = check_model_dir(config.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=DTYPES[config.dtype], use_safetensors=True,
+            trust_remote_code=config.trust_remote_code,
+        ).to(config.device)
+        return cls(model, config, load_tokenizer_fingerprint(path), name=path.resolve().name)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def limits(self) -> Limits:
+        return Limits(vocab_size=self.vocab_size, max_sequence_length=self.max_sequence_length,
+                      top_k_limit=self.config.top_k_limit,
+                      max_full_row_positions=self.config.max_full_row_positions)
+
+    def info(self) -> TeacherInfo:
+        return TeacherInfo(model_name=self.name, vocab_size=self.vocab_size,
+                           tokenizer_fingerprint=self.fingerprint,
+                           max_sequence_length=self.max_sequence_length,
+                           dtype=self.config.dtype, top_k_limit=self.config.top_k_limit,
+                           max_full_row_positions=self.config.max_full_row_positions,
+                           device=str(self.device))
+
+    # ------------------------------------------------------------------ score
+    def score(self, args: ScoreArgs) -> list[ScoredSequence]:
+        """Log-probs at positions score_from..len-1 of each sequence (inputs already validated)."""
+        results: list[ScoredSequence | None] = [None] * len(args.sequences)
+        with self._lock, torch.inference_mode():
+            for batch in self._micro_batches([len(s) for s in args.sequences]):
+                for i, res in zip(batch, self._score_batch(args, batch)):
+                    results[i] = res
+        return results  # type: ignore[return-value]
+
+    def _micro_batches(self, lengths: list[int]) -> list[list[int]]:
+        """Group indices by length so each group's padded size stays under max_batch_tokens."""
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+        batches: list[list[int]] = []
+        for i in order:
+            if batches and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= self.config.max_batch_tokens:
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        return batches
+
+    def _score_batch(self, args: ScoreArgs, batch: list[int]) -> list[ScoredSequence]:
+        seqs = [args.sequences[i] for i in batch]
+        ids, mask, offsets = self._pad(seqs, self.config.padding_side)
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        hidden = self._decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        # Position t is predicted from the hidden state at t - 1.
+        rows, cols, counts = [], [], []
+        for r, (i, off) in enumerate(zip(batch, offsets)):
+            start, end = args.score_from[i], len(args.sequences[i])
+            cols.append(torch.arange(start - 1, end - 1) + off)
+            rows.append(torch.full((end - start,), r))
+            counts.append(end - start)
+        row_idx, col_idx = torch.cat(rows).to(ids.device), torch.cat(cols).to(ids.device)
+        states = hidden[row_idx, col_idx]  # [N, H]
+        targets = ids[row_idx, col_idx + 1]  # [N]
+        topk_ids, topk_lp, tok_lp, full = self._head_logprobs(states, targets, args.top_k,
+                                                              args.temperature, args.full_logprobs)
+        out = []
+        for chunk in zip(*(t.split(counts) for t in (topk_ids, topk_lp, tok_lp)),
+                         full.split(counts) if full is not None else [None] * len(counts)):
+            out.append(ScoredSequence(topk_ids=chunk[0], topk_logprobs=chunk[1],
+                                      token_logprobs=chunk[2], full_logprobs=chunk[3]))
+        return out
+
+    def _logprobs(self, states: torch.Tensor, temperature: float) -> torch.Tensor:
+        logits = self._head(states).float()
+        if self._softcap:
+            logits = torch.tanh(logits / self._softcap) * self._softcap
+        return torch.log_softmax(logits / temperature, dim=-1)
+
+    def _head_logprobs(self, states, targets, top_k, temperature, full_rows):
+        parts: list[list[torch.Tensor]] = [[], [], [], []]
+        for s, t in zip(states.split(self.config.head_chunk_positions),
+                        targets.split(self.config.head_chunk_positions)):
+            lp = self._logprobs(s, temperature)
+            vals, idx = lp.topk(top_k, dim=-1) if top_k else (lp[:, :0], lp[:, :0].long())
+            parts[0].append(idx.long().cpu())
+            parts[1].append(vals.cpu())
+            parts[2].append(lp.gather(-1, t[:, None])[:, 0].cpu())
+            if full_rows:
+                parts[3].append(lp.cpu())
+        k = top_k
+        cat = lambda xs, shape: torch.cat(xs) if xs else torch.empty(shape)  # noqa: E731
+        return (cat(parts[0], (0, k)).long(), cat(parts[1], (0, k)), cat(parts[2], (0,)),
+                cat(parts[3], (0, self.vocab_size)) if full_rows else None)
+
+    def _pad(self, seqs: Sequence[torch.Tensor], side: str):
+        """[B, T] ids and mask, and each row's offset of its first real token."""
+        width = max(len(s) for s in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        offsets = []
+        for r, s in enumerate(seqs):
+            off = width - len(s) if side == "left" else 0
+            ids[r, off:off + len(s)] = s
+            mask[r, off:off + len(s)] = 1
+            offsets.append(off)
+        return ids.to(self.device), mask.to(self.device), offsets
+
+    # ------------------------------------------------------------------ generate
+    def generate(
+        self,
+        prompts: Sequence[torch.Tensor],
+        params: SamplingParams,
+        *,
+        seeds: Sequence[int | None] | None = None,
+        max_new_tokens: Sequence[int] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> list[Generation | None]:
+        """Continue each prompt. Per-row `seeds` / `max_new_tokens` default to params' (seed, i).
+
+        `cancelled(i)` is polled every step; a cancelled row leaves the batch and returns None.
+        """
+        n = len(prompts)
+        seeds = list(seeds) if seeds is not None else [
+            None if params.seed is None else _row_seed(params.seed, i) for i in range(n)]
+        budget = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * n
+        gens = [torch.Generator(device="cpu").manual_seed(s if s is not None else secrets.randbits(63))
+                for s in seeds]
+        stop = torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long, device=self.device)
+        out_ids: list[list[int]] = [[] for _ in range(n)]
+        out_lp: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        out_topk: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        active = list(range(n))  # batch row r holds request row active[r]
+        with self._lock, torch.inference_mode():
+            ids, mask, _ = self._pad(prompts, "left")
+            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                             use_cache=True)
+            cache, last_pos = out.past_key_values, position_ids[:, -1]
+            logits = out.logits[:, -1].float()
+            while active:
+                scaled = logits / params.temperature if params.temperature > 0 else logits
+                logprobs = torch.log_softmax(scaled, dim=-1)
+                next_tok = self._sample(scaled, params, [gens[i] for i in active])
+                keep = []
+                for r, i in enumerate(active):
+                    if cancelled is not None and cancelled(i):
+                        finish[i] = "cancelled"
+                        continue
+                    tok = int(next_tok[r])
+                    out_ids[i].append(tok)
+                    if params.return_logprobs:
+                        out_lp[i].append(logprobs[r, tok])
+                    if params.logprobs_top_k:
+                        v, k = logprobs[r].topk(params.logprobs_top_k)
+                        out_topk[i].append((k, v))
+                    if stop.numel() and bool((stop == tok).any()):
+                        finish[i] = "stop"
+                    elif len(out_ids[i]) >= budget[i]:
+                        finish[i] = "length"
+                    else:
+                        keep.append(r)
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    sel = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(sel)
+                    mask, last_pos, next_tok = mask[sel], last_pos[sel], next_tok[sel]
+                    active = [active[r] for r in keep]
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+                last_pos = last_pos + 1
+                out = self.model(input_ids=next_tok[:, None], attention_mask=mask,
+                                 position_ids=last_pos[:, None], past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits[:, -1].float()
+        return [None if finish[i] == "cancelled" else self._generation(i, out_ids, out_lp, out_topk,
+                                                                        finish, params)
+                for i in range(n)]
+
+    @staticmethod
+    def _generation(i, out_ids, out_lp, out_topk, finish, params) -> Generation:
+        topk_ids = topk_lp = None
+        if params.logprobs_top_k:
+            k = params.logprobs_top_k
+            topk_ids = torch.stack([t[0] for t in out_topk[i]]).cpu() if out_topk[i] else torch.empty(0, k, dtype=torch.long)
+            topk_lp = torch.stack([t[1] for t in out_topk[i]]).cpu() if out_topk[i] else torch.empty(0, k)
+        return Generation(
+            token_ids=torch.tensor(out_ids[i], dtype=torch.long),
+            finish_reason=finish[i] or "length",
+            token_logprobs=torch.stack(out_lp[i]).cpu() if params.return_logprobs and out_lp[i]
+            else (torch.empty(0) if params.return_logprobs else None),
+            topk_ids=topk_ids, topk_logprobs=topk_lp,
+        )
+
+    @staticmethod
+    def _sample(scaled: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]) -> torch.Tensor:
+        """Next token per row: argmax when greedy, else a draw after top-k / top-p filtering."""
+        if params.temperature == 0:
+            return scaled.argmax(-1)
+        if params.top_k:
+            kth = scaled.topk(params.top_k, dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        if params.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            # Drop a token when the mass before it already reaches top_p (the first always stays).
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs.cpu()
+        return torch.stack([torch.multinomial(probs[r], 1, generator=g)[0]
+                            for r, g in enumerate(gens)]).to(scaled.device)
+
+
+def _row_seed(seed: int, index: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

@@ -1,0 +1,37 @@
+"""Prometheus metrics of one teacher server (own registry, so several servers fit one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class TeacherMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("distillery_teacher_queue_depth", "Requests waiting for a batch",
+                                 registry=r)
+        self.rejected = Counter("distillery_teacher_rejected_total",
+                                "Requests refused because the queue was full", registry=r)
+        self.cancelled = Counter("distillery_teacher_cancelled_total",
+                                 "Requests dropped because their caller cancelled or timed out",
+                                 registry=r)
+        self.batch_requests = Histogram("distillery_teacher_batch_requests",
+                                        "Requests merged into one engine call", ["kind"],
+                                        buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_tokens = Histogram("distillery_teacher_batch_tokens",
+                                      "Tokens in one engine call", ["kind"],
+                                      buckets=(64, 256, 1024, 4096, 16384, 65536), registry=r)
+        self.tokens = Counter("distillery_teacher_tokens_total",
+                              "Tokens processed (rate() of this is tokens/s)", ["kind"], registry=r)
+        self.batch_seconds = Histogram("distillery_teacher_batch_seconds",
+                                       "Wall time of one engine call", ["kind"], registry=r)
+        self.request_seconds = Histogram("distillery_teacher_request_seconds",
+                                         "Latency of one RPC as the server saw it", ["method", "code"],
+                                         registry=r)
+
+    def observe_batch(self, kind: str, requests: int, tokens: int, seconds: float) -> None:
+        self.batch_requests.labels(kind).observe(requests)
+        self.batch_tokens.labels(kind).observe(tokens)
+        self.tokens.labels(kind).inc(tokens)
+        self.batch_seconds.labels(kind).observe(seconds)

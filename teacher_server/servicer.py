@@ -1,0 +1,137 @@
+"""gRPC transport for the teacher: decode, validate, hand to the batcher, encode, map errors.
+
+Every domain error becomes a gRPC status in one place (`_status_for`); nothing else in the server
+chooses status codes. Until the engine is loaded, and while draining, calls get UNAVAILABLE so a
+client with retries moves on to another replica.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import time
+from typing import Callable
+
+import grpc
+
+from . import wire
+from .batcher import Batcher
+from .contract import RETRYABLE_KEY, Cancelled, InvalidRequest, Overloaded, validate_generate, validate_score
+from .engine import TeacherEngine
+from .metrics import TeacherMetrics
+from .pb import teacher_pb2 as pb
+from .pb import teacher_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+
+
+class NotReady(Exception):
+    """The engine is still loading, or the server is draining."""
+
+
+def _status_for(exc: BaseException, context: grpc.ServicerContext) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, NotReady):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, Cancelled):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+        return grpc.StatusCode.CANCELLED, str(exc)
+    log.exception("internal error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+def _rpc(method: Callable) -> Callable:
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: "TeacherServicer", request, context: grpc.ServicerContext):
+        start, code = time.monotonic(), grpc.StatusCode.OK
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, never a crash
+            code, detail = _status_for(exc, context)
+            if isinstance(exc, (Overloaded, NotReady)):
+                context.set_trailing_metadata(((RETRYABLE_KEY, "1"),))
+            context.abort(code, detail)
+        finally:
+            self.metrics.request_seconds.labels(name, code.name).observe(time.monotonic() - start)
+
+    return wrapper
+
+
+class TeacherServicer(pb_grpc.TeacherServicer):
+    def __init__(self, metrics: TeacherMetrics) -> None:
+        self.metrics = metrics
+        self.engine: TeacherEngine | None = None
+        self.batcher: Batcher | None = None
+        self.draining = False
+
+    def attach(self, engine: TeacherEngine, batcher: Batcher) -> None:
+        self.engine, self.batcher = engine, batcher
+
+    def _ready(self) -> tuple[TeacherEngine, Batcher]:
+        if self.draining:
+            raise NotReady("teacher is draining; retry on another replica")
+        if self.engine is None or self.batcher is None:
+            raise NotReady("teacher model is still loading")
+        return self.engine, self.batcher
+
+    @staticmethod
+    def _deadline(context: grpc.ServicerContext) -> float | None:
+        remaining = context.time_remaining()
+        return None if remaining is None else time.monotonic() + remaining
+
+    @_rpc
+    def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+        engine, _ = self._ready()
+        return wire.info_to_pb(engine.info())
+
+    @_rpc
+    def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        engine, batcher = self._ready()
+        args = wire.score_request_from_pb(request)
+        validate_score(args, engine.limits)
+        ticket = batcher.submit_score(args, self._deadline(context))
+        context.add_callback(ticket.cancel)
+        results = ticket.result(context.time_remaining())
+        return pb.ScoreResponse(sequences=[wire.scored_to_pb(r) for r in results])
+
+    @_rpc
+    def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        engine, batcher = self._ready()
+        prompts, params = wire.generate_request_from_pb(request)
+        validate_generate(prompts, params, engine.limits)
+        ticket = batcher.submit_generate(prompts, params, self._deadline(context))
+        context.add_callback(ticket.cancel)
+        results = ticket.result(context.time_remaining())
+        return pb.GenerateResponse(generations=[wire.generation_to_pb(g) for g in results])
+
+
+class BearerAuth(grpc.ServerInterceptor):
+    """Require `authorization: Bearer <token>` on teacher calls; health and reflection stay open."""
+
+    _OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.startswith(self._OPEN):
+            return continuation(handler_call_details)
+        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self._expected):
+            return continuation(handler_call_details)
+        return self._deny
