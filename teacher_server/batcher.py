@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from .contract import Cancelled, Overloaded, SamplingParams, ScoreArgs, TeacherError
-from .engine import TeacherEngine, _row_seed
+from .engine import TeacherEngine
+from .sampling import row_seed
 from .metrics import TeacherMetrics
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ class Batcher:
             ps, params = t.payload
             for i, p in enumerate(ps):
                 prompts.append(p)
-                seeds.append(None if params.seed is None else _row_seed(params.seed, i))
+                seeds.append(None if params.seed is None else row_seed(params.seed, i))
                 budgets.append(params.max_new_tokens)
                 owner.append(t)
         results = self.engine.generate(prompts, batch[0].payload[1], seeds=seeds,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .sampling import generate, row_seed as _row_seed  # noqa: F401 (re-exported)
 from .contract import (
     Generation,
     Limits,
@@ -223,102 +223,7 @@ class TeacherEngine:
         max_new_tokens: Sequence[int] | None = None,
         cancelled: Callable[[int], bool] | None = None,
     ) -> list[Generation | None]:
-        """Continue each prompt. Per-row `seeds` / `max_new_tokens` default to params' (seed, i).
-
-        `cancelled(i)` is polled every step; a cancelled row leaves the batch and returns None.
-        """
-        n = len(prompts)
-        seeds = list(seeds) if seeds is not None else [
-            None if params.seed is None else _row_seed(params.seed, i) for i in range(n)]
-        budget = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * n
-        gens = [torch.Generator(device="cpu").manual_seed(s if s is not None else secrets.randbits(63))
-                for s in seeds]
-        stop = torch.tensor(sorted(set(params.stop_ids)), dtype=torch.long, device=self.device)
-        out_ids: list[list[int]] = [[] for _ in range(n)]
-        out_lp: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        out_topk: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
-        finish: list[str | None] = [None] * n
-        active = list(range(n))  # batch row r holds request row active[r]
+        """Continue each prompt (see `sampling.generate`); rows cancelled mid-way return None."""
         with self._lock, torch.inference_mode():
-            ids, mask, _ = self._pad(prompts, "left")
-            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                             use_cache=True)
-            cache, last_pos = out.past_key_values, position_ids[:, -1]
-            logits = out.logits[:, -1].float()
-            while active:
-                scaled = logits / params.temperature if params.temperature > 0 else logits
-                logprobs = torch.log_softmax(scaled, dim=-1)
-                next_tok = self._sample(scaled, params, [gens[i] for i in active])
-                keep = []
-                for r, i in enumerate(active):
-                    if cancelled is not None and cancelled(i):
-                        finish[i] = "cancelled"
-                        continue
-                    tok = int(next_tok[r])
-                    out_ids[i].append(tok)
-                    if params.return_logprobs:
-                        out_lp[i].append(logprobs[r, tok])
-                    if params.logprobs_top_k:
-                        v, k = logprobs[r].topk(params.logprobs_top_k)
-                        out_topk[i].append((k, v))
-                    if stop.numel() and bool((stop == tok).any()):
-                        finish[i] = "stop"
-                    elif len(out_ids[i]) >= budget[i]:
-                        finish[i] = "length"
-                    else:
-                        keep.append(r)
-                if not keep:
-                    break
-                if len(keep) < len(active):
-                    sel = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(sel)
-                    mask, last_pos, next_tok = mask[sel], last_pos[sel], next_tok[sel]
-                    active = [active[r] for r in keep]
-                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-                last_pos = last_pos + 1
-                out = self.model(input_ids=next_tok[:, None], attention_mask=mask,
-                                 position_ids=last_pos[:, None], past_key_values=cache, use_cache=True)
-                cache, logits = out.past_key_values, out.logits[:, -1].float()
-        return [None if finish[i] == "cancelled" else self._generation(i, out_ids, out_lp, out_topk,
-                                                                        finish, params)
-                for i in range(n)]
-
-    @staticmethod
-    def _generation(i, out_ids, out_lp, out_topk, finish, params) -> Generation:
-        topk_ids = topk_lp = None
-        if params.logprobs_top_k:
-            k = params.logprobs_top_k
-            topk_ids = torch.stack([t[0] for t in out_topk[i]]).cpu() if out_topk[i] else torch.empty(0, k, dtype=torch.long)
-            topk_lp = torch.stack([t[1] for t in out_topk[i]]).cpu() if out_topk[i] else torch.empty(0, k)
-        return Generation(
-            token_ids=torch.tensor(out_ids[i], dtype=torch.long),
-            finish_reason=finish[i] or "length",
-            token_logprobs=torch.stack(out_lp[i]).cpu() if params.return_logprobs and out_lp[i]
-            else (torch.empty(0) if params.return_logprobs else None),
-            topk_ids=topk_ids, topk_logprobs=topk_lp,
-        )
-
-    @staticmethod
-    def _sample(scaled: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]) -> torch.Tensor:
-        """Next token per row: argmax when greedy, else a draw after top-k / top-p filtering."""
-        if params.temperature == 0:
-            return scaled.argmax(-1)
-        if params.top_k:
-            kth = scaled.topk(params.top_k, dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)
-        if params.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            # Drop a token when the mass before it already reaches top_p (the first always stays).
-            drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-        probs = probs.cpu()
-        return torch.stack([torch.multinomial(probs[r], 1, generator=g)[0]
-                            for r, g in enumerate(gens)]).to(scaled.device)
-
-
-def _row_seed(seed: int, index: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+            return generate(self.model, prompts, params, seeds=seeds, max_new_tokens=max_new_tokens,
+                            cancelled=cancelled)
