@@ -1,0 +1,152 @@
+"""The typed job spec: one validated document per distillation job, saved with every checkpoint.
+
+    spec = JobSpec.from_file("examples/tiny_local.yaml")
+
+Every field has a default and a description with its unit; unknown fields are errors; impossible
+combinations are refused with a message that says why. Paths are kept as given here; the job
+service checks them against its configured roots before a job is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+LossName = Literal["fkl", "rkl", "skew_fkl", "skew_rkl", "jsd", "tvd", "akl"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class StudentSpec(_Strict):
+    model: str = Field(description="Local model directory of the student (config.json + safetensors).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Training dtype of the weights.")
+    device: str = Field("cpu", max_length=32, description="cpu, cuda or cuda:N (Ray sets it per worker).")
+
+
+class TeacherSpec(_Strict):
+    endpoints: list[str] = Field(default_factory=list, max_length=64,
+                                 description="host:port of running teacher servers, used round-robin.")
+    local_model: str | None = Field(None, description="Run this teacher model in-process instead.")
+    timeout_s: float = Field(120.0, gt=0, le=3600, description="Deadline of one teacher call, seconds.")
+    token_env: str | None = Field(None, max_length=128,
+                                  description="Environment variable holding the teacher's bearer token.")
+
+    @model_validator(mode="after")
+    def _one_teacher(self) -> "TeacherSpec":
+        if bool(self.endpoints) == bool(self.local_model):
+            raise ValueError("teacher needs exactly one of `endpoints` (served) or `local_model` (in-process)")
+        return self
+
+
+class DataSpec(_Strict):
+    path: str = Field(description="Training JSONL: one object per line with the prompt and response fields.")
+    eval_path: str | None = Field(None, description="Eval JSONL; when absent, eval_fraction of `path` is held out.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of `path` held out for eval when there is no eval_path.")
+    prompt_field: str = Field("prompt", min_length=1, max_length=64, description="JSON key of the prompt text.")
+    response_field: str = Field("response", min_length=1, max_length=64, description="JSON key of the reference response.")
+    chat_template: bool = Field(False, description="Wrap prompts with the student tokenizer's chat template.")
+    max_prompt_tokens: int = Field(256, ge=1, le=32768, description="Longer prompts are cut from the left, tokens.")
+    max_response_tokens: int = Field(256, ge=1, le=32768, description="Longer reference responses are cut, tokens.")
+    append_eos: bool = Field(True, description="End reference responses with the tokenizer's EOS token.")
+
+
+class WarmupSpec(_Strict):
+    enabled: bool = Field(False, description="Run Warmup-Distill (DPO on teacher-corrected pairs) before KD.")
+    prompts: int = Field(64, ge=1, le=1_000_000, description="Warmup prompts taken from the training data.")
+    samples_per_prompt: int = Field(2, ge=1, le=64, description="Student samples n per warmup prompt.")
+    rule: Literal["prob_diff", "log_ratio", "teacher_prob", "teacher_rank"] = Field(
+        "prob_diff", description="Margin rule that flags low-probability knowledge (ARCHITECTURE §4).")
+    threshold: float = Field(0.5, description="η: flag when M_t > η (prob_diff, log_ratio) or P_t < η (teacher_prob).")
+    rank_k: int = Field(10, ge=1, le=1024, description="teacher_rank: flag tokens outside the teacher's top rank_k.")
+    replacement: Literal["argmax", "sample"] = Field(
+        "argmax", description="Teacher token put at the first flagged position: its argmax excluding the "
+                              "student's token, or a sample from its distribution without that token.")
+    sample_temperature: float = Field(1.0, gt=0, le=10, description="Student sampling temperature for warmup samples.")
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Tokens per student sample and per teacher continuation.")
+    loss: Literal["dpo", "simpo", "hinge"] = Field("dpo", description="Preference loss.")
+    beta: float = Field(0.1, gt=0, le=100, description="β of the preference loss.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="DPO label smoothing ε.")
+    simpo_gamma: float = Field(0.5, ge=0, le=100, description="SimPO target margin γ.")
+    sft_weight: float = Field(0.0, ge=0, le=100, description="Weight of an NLL term on the chosen response.")
+    steps: int = Field(20, ge=1, le=1_000_000, description="Optimizer steps of the warmup stage.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Pairs per optimizer step (per worker).")
+    lr: float = Field(5e-5, gt=0, le=1, description="Peak learning rate of the warmup stage.")
+
+
+class DistillSpec(_Strict):
+    loss: LossName = Field("fkl", description="Divergence between teacher p and student q.")
+    alpha: float = Field(0.1, ge=0, le=1, description="Skew α of skew_fkl / skew_rkl.")
+    beta: float = Field(0.5, ge=0, le=1, description="β of generalized JSD (0 → FKL, 1 → RKL).")
+    mu: float = Field(0.5, gt=0, le=1, description="AKL head/tail split: cumulative teacher mass of the head.")
+    temperature: float = Field(1.0, gt=0, le=10, description="Temperature of both distributions in the loss.")
+    steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps of the KD stage.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Prompts per micro-batch (per worker).")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    on_policy_fraction: float = Field(1.0, ge=0, le=1, description="λ: share of batches whose responses the student samples.")
+    off_policy_source: Literal["data", "teacher"] = Field(
+        "data", description="Where the other batches' responses come from: the data set, or the teacher (SeqKD).")
+    top_k: int = Field(16, ge=1, le=1024, description="Teacher top-k per position (sparse loss support).")
+    full_logprobs: bool = Field(False, description="Ask the teacher for full rows (exact loss; 4·V bytes a position).")
+    sample_temperature: float = Field(1.0, gt=0, le=10, description="Temperature of on-policy sampling.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus mass of on-policy sampling.")
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Tokens per sampled response.")
+    lr: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    warmup_steps: int = Field(10, ge=0, le=1_000_000, description="Linear LR warm-up, optimizer steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor as a share of lr.")
+    grad_clip: float = Field(1.0, ge=0, le=1e6, description="Max global grad norm; 0 disables clipping.")
+    max_non_finite: int = Field(3, ge=1, le=1000, description="Non-finite losses in a row that fail the job.")
+    loss_chunk_size: int | None = Field(None, ge=1, le=1_000_000, description="Positions per loss chunk (memory bound).")
+
+
+class CheckpointSpec(_Strict):
+    dir: str = Field("runs/job", description="Run directory: checkpoints, spec, metrics.")
+    every_steps: int = Field(50, ge=1, le=10_000_000, description="Checkpoint every N optimizer steps of a stage.")
+    keep_last: int = Field(2, ge=1, le=1000, description="Checkpoints kept; older ones are deleted.")
+
+
+class EvalSpec(_Strict):
+    enabled: bool = Field(True, description="Evaluate after the last stage.")
+    max_samples: int = Field(64, ge=1, le=1_000_000, description="Eval examples used at most.")
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="Greedy decoding length.")
+    batch_size: int = Field(16, ge=1, le=4096, description="Prompts decoded together.")
+    teacher: bool = Field(True, description="Also evaluate the teacher on the same set, for reference.")
+
+
+class JobSpec(_Strict):
+    name: str = Field("distill", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
+                      description="Human-readable job name.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of data order, sampling and init.")
+    student: StudentSpec
+    teacher: TeacherSpec
+    data: DataSpec
+    warmup: WarmupSpec = Field(default_factory=WarmupSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    log_every: int = Field(1, ge=1, le=100_000, description="Print metrics every N optimizer steps.")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> "JobSpec":
+        if self.warmup.rule == "teacher_prob" and not 0 < self.warmup.threshold < 1:
+            raise ValueError("warmup.rule teacher_prob compares a probability: threshold must be in (0, 1)")
+        if self.warmup.rule == "prob_diff" and not -1 < self.warmup.threshold < 1:
+            raise ValueError("warmup.rule prob_diff compares probabilities: threshold must be in (-1, 1)")
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "JobSpec":
+        text = Path(path).read_text()
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a job spec is a mapping, got {type(data).__name__}")
+        return cls.model_validate(data)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)

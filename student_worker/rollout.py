@@ -1,0 +1,106 @@
+"""One on-policy rollout: responses from the student (or data, or teacher), judged by the teacher.
+
+`sample_responses` samples with the same loop the teacher server uses (teacher_server.sampling);
+`score_batch` asks the teacher for its top-k on exactly the response positions and lays the
+answer out as padded [B, R, ...] tensors aligned with the student's logits from `student_logits`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from teacher_server.contract import SamplingParams, ScoredSequence, Teacher
+from teacher_server.sampling import generate
+
+from .losses import DenseTeacher, SparseTeacher
+
+
+@dataclass
+class KDBatch:
+    """Prompt + response token batches with the teacher's judgement of every response position."""
+
+    input_ids: torch.Tensor  # int64 [B, L], right-padded prompt + response
+    attention_mask: torch.Tensor  # int64 [B, L]
+    prompt_lens: torch.Tensor  # int64 [B]
+    response_ids: torch.Tensor  # int64 [B, R], right-padded responses
+    response_mask: torch.Tensor  # bool [B, R]
+    teacher: SparseTeacher | DenseTeacher  # [B, R, ...] aligned with response_ids
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum())
+
+
+def sample_responses(model: torch.nn.Module, prompts: Sequence[torch.Tensor], *, max_new_tokens: int,
+                     temperature: float, top_p: float, stop_ids: Sequence[int], seed: int) -> list[torch.Tensor]:
+    """On-policy responses from the student, one per prompt, reproducible from `seed`."""
+    was_training = model.training
+    model.eval()
+    try:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                stop_ids=tuple(stop_ids), seed=seed)
+        gens = generate(model, list(prompts), params)
+    finally:
+        model.train(was_training)
+    return [g.token_ids for g in gens]  # type: ignore[union-attr]
+
+
+def teacher_responses(teacher: Teacher, prompts: Sequence[torch.Tensor], *, max_new_tokens: int,
+                      temperature: float, top_p: float, stop_ids: Sequence[int], seed: int) -> list[torch.Tensor]:
+    """SeqKD responses: the teacher's own continuations."""
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            stop_ids=tuple(stop_ids), seed=seed)
+    return [g.token_ids for g in teacher.generate(list(prompts), params)]
+
+
+def score_batch(teacher: Teacher, prompts: Sequence[torch.Tensor], responses: Sequence[torch.Tensor], *,
+                top_k: int, temperature: float, full_logprobs: bool, pad_id: int) -> KDBatch:
+    """Ask the teacher about every response token and pad everything into one KDBatch."""
+    seqs = [torch.cat([p, r]) for p, r in zip(prompts, responses)]
+    scored = teacher.score(seqs, [len(p) for p in prompts], top_k=top_k, temperature=temperature,
+                           full_logprobs=full_logprobs)
+    return collate(prompts, responses, scored, pad_id=pad_id, full_logprobs=full_logprobs)
+
+
+def collate(prompts: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
+            scored: Sequence[ScoredSequence], *, pad_id: int, full_logprobs: bool = False) -> KDBatch:
+    b = len(prompts)
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width, rmax = max(lengths), max(max(len(r) for r in responses), 1)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attention = torch.zeros(b, width, dtype=torch.long)
+    response_ids = torch.full((b, rmax), pad_id, dtype=torch.long)
+    response_mask = torch.zeros(b, rmax, dtype=torch.bool)
+    k = scored[0].topk_ids.shape[-1]
+    topk_ids = torch.zeros(b, rmax, k, dtype=torch.long)
+    topk_lp = torch.zeros(b, rmax, k)
+    token_lp = torch.zeros(b, rmax)
+    full = torch.zeros(b, rmax, scored[0].full_logprobs.shape[-1]) if full_logprobs else None
+    for i, (p, r, s) in enumerate(zip(prompts, responses, scored)):
+        n = len(r)
+        input_ids[i, :lengths[i]] = torch.cat([p, r])
+        attention[i, :lengths[i]] = 1
+        response_ids[i, :n] = r
+        response_mask[i, :n] = True
+        topk_ids[i, :n], topk_lp[i, :n], token_lp[i, :n] = s.topk_ids, s.topk_logprobs, s.token_logprobs
+        if full is not None:
+            full[i, :n] = s.full_logprobs
+    teacher = (DenseTeacher(full) if full is not None else
+               SparseTeacher(topk_ids=topk_ids, topk_logprobs=topk_lp, token_ids=response_ids,
+                             token_logprobs=token_lp))
+    return KDBatch(input_ids, attention, torch.tensor([len(p) for p in prompts]), response_ids,
+                   response_mask, teacher)
+
+
+def student_logits(model: torch.nn.Module, batch: KDBatch) -> torch.Tensor:
+    """Student logits [B, R, V] at the response positions (position j of the response is predicted
+    from the hidden state at prompt_len + j - 1)."""
+    device = next(model.parameters()).device
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits  # [B, L, V]
+    r = batch.response_ids.shape[1]
+    pos = (batch.prompt_lens[:, None] - 1 + torch.arange(r)[None, :]).clamp_max(ids.shape[1] - 1)
+    return logits.gather(1, pos.to(device)[..., None].expand(-1, -1, logits.shape[-1]))
