@@ -70,6 +70,33 @@ def teacher_serve(
     raise typer.Exit(run(config))
 
 
+@app.command("train")
+def train(
+    spec_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job spec (YAML or JSON)."),
+    run_dir: Optional[Path] = typer.Option(None, help="Override checkpoint.dir of the spec."),
+) -> None:
+    """Run one distillation job in this process (local or served teacher), with a progress bar."""
+    from student_worker.config import JobSpec
+    from student_worker.trainer import NonFiniteLoss, Trainer, build_teacher
+    from services.progress import TrainProgress
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = JobSpec.from_file(spec_path)
+    if run_dir is not None:
+        spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"dir": str(run_dir)})})
+    with TrainProgress(spec) as progress:
+        trainer = Trainer(spec, build_teacher(spec.teacher), on_metrics=progress.update)
+        try:
+            trainer.setup()
+            summary = trainer.train()
+        except NonFiniteLoss as exc:
+            typer.echo(f"job failed: {exc.reason}: {exc}", err=True)
+            raise typer.Exit(1)
+        finally:
+            trainer.cleanup()
+    progress.report(summary, spec.checkpoint.dir)
+
+
 @teacher_app.command("demo")
 def teacher_demo(
     cache_dir: Path = typer.Option(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))

@@ -75,7 +75,7 @@ class WarmupSpec(_Strict):
     simpo_gamma: float = Field(0.5, ge=0, le=100, description="SimPO target margin γ.")
     sft_weight: float = Field(0.0, ge=0, le=100, description="Weight of an NLL term on the chosen response.")
     steps: int = Field(20, ge=1, le=1_000_000, description="Optimizer steps of the warmup stage.")
-    batch_size: int = Field(8, ge=1, le=4096, description="Pairs per optimizer step (per worker).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Pairs per optimizer step (per worker).")
     lr: float = Field(5e-5, gt=0, le=1, description="Peak learning rate of the warmup stage.")
 
 
@@ -86,7 +86,7 @@ class DistillSpec(_Strict):
     mu: float = Field(0.5, gt=0, le=1, description="AKL head/tail split: cumulative teacher mass of the head.")
     temperature: float = Field(1.0, gt=0, le=10, description="Temperature of both distributions in the loss.")
     steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps of the KD stage.")
-    batch_size: int = Field(8, ge=1, le=4096, description="Prompts per micro-batch (per worker).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Prompts per micro-batch (per worker).")
     grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     on_policy_fraction: float = Field(1.0, ge=0, le=1, description="λ: share of batches whose responses the student samples.")
     off_policy_source: Literal["data", "teacher"] = Field(
@@ -115,7 +115,7 @@ class EvalSpec(_Strict):
     enabled: bool = Field(True, description="Evaluate after the last stage.")
     max_samples: int = Field(64, ge=1, le=1_000_000, description="Eval examples used at most.")
     max_new_tokens: int = Field(64, ge=1, le=8192, description="Greedy decoding length.")
-    batch_size: int = Field(16, ge=1, le=4096, description="Prompts decoded together.")
+    batch_size: int = Field(16, ge=1, le=1024, description="Prompts decoded together.")
     teacher: bool = Field(True, description="Also evaluate the teacher on the same set, for reference.")
 
 

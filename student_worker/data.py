@@ -124,3 +124,31 @@ class ShardedOrder:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._shard = self._make_shard()
+
+
+def arithmetic_rows(n: int, seed: int = 0, max_operand: int = 99) -> list[dict[str, str]]:
+    """Small sums as prompt/response rows, for examples and smoke tests (no downloads)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        rows.append({"prompt": f"{a} + {b} =", "response": f" {a + b}"})
+    return rows
+
+
+def main() -> None:
+    """python -m student_worker.data OUT.jsonl [--n 256] [--seed 0]: write arithmetic rows."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write a small arithmetic JSONL data set.")
+    p.add_argument("out", type=Path)
+    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(a.n, a.seed)))
+    print(a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -104,3 +104,37 @@ def student_logits(model: torch.nn.Module, batch: KDBatch) -> torch.Tensor:
     r = batch.response_ids.shape[1]
     pos = (batch.prompt_lens[:, None] - 1 + torch.arange(r)[None, :]).clamp_max(ids.shape[1] - 1)
     return logits.gather(1, pos.to(device)[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+@torch.no_grad()
+def mismatch_metrics(logits: torch.Tensor, batch: KDBatch, temperature: float = 1.0) -> dict[str, float]:
+    """How far apart the two models are on this batch's response tokens (no gradient).
+
+    teacher_logprob: mean teacher log-prob of the response tokens (for on-policy batches, of the
+    student's own samples); topk_overlap: share of the student's top-k ids found in the teacher's
+    top-k; tail_mass: mean teacher mass outside its top-k; fkl / rkl: token-level estimates of
+    KL(p||q) and KL(q||p) on the same support the loss uses.
+    """
+    from .losses import token_divergence
+
+    mask = batch.response_mask.to(logits.device)
+    n = mask.sum().clamp_min(1)
+    t = batch.teacher
+    if isinstance(t, DenseTeacher):
+        token_lp = t.logprobs.gather(-1, batch.response_ids[..., None])[..., 0]
+        k = 16
+        teacher_top = t.logprobs.topk(k, dim=-1)
+        topk_ids, topk_lp = teacher_top.indices, teacher_top.values
+    else:
+        token_lp, topk_ids, topk_lp = t.token_logprobs, t.topk_ids, t.topk_logprobs
+        k = topk_ids.shape[-1]
+    mean = lambda x: float((x.to(logits.device) * mask).sum() / n)  # noqa: E731
+    student_top = logits.topk(k, dim=-1).indices.cpu()
+    overlap = (student_top[..., :, None] == topk_ids[..., None, :]).any(-1).float().mean(-1)
+    return {
+        "teacher_logprob": mean(token_lp),
+        "topk_overlap": mean(overlap),
+        "tail_mass": mean((1 - topk_lp.exp().sum(-1)).clamp_min(0)),
+        "fkl": mean(token_divergence(logits, t, mask, loss="fkl", temperature=temperature)),
+        "rkl": mean(token_divergence(logits, t, mask, loss="rkl", temperature=temperature)),
+    }

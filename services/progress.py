@@ -1,0 +1,52 @@
+"""Rich progress for a training run: one bar per stage, with loss and tokens/s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from student_worker.config import JobSpec
+
+
+class TrainProgress:
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self.console = Console(stderr=True)
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                 console=self.console, transient=False)
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "TrainProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, m: dict[str, Any]) -> None:
+        stage = m.get("stage", "distill")
+        total = self.spec.warmup.steps if stage == "warmup" else self.spec.distill.steps
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, info="")
+        if "loss" in m:
+            info = f"loss {m['loss']:.4f}"
+            if "tokens_per_s" in m:
+                info += f"  {m['tokens_per_s']:.0f} tok/s"
+            if "accuracy" in m:
+                info += f"  pref acc {m['accuracy']:.2f}"
+            self.progress.update(self.tasks[stage], completed=m["step"], info=info)
+
+    def report(self, summary: dict[str, Any], run_dir: str) -> None:
+        ev = summary.get("eval") or {}
+        if ev:
+            table = Table(title="eval")
+            for col in ("model", "examples", "exact match", "ROUGE-L"):
+                table.add_column(col)
+            for who, r in ev.items():
+                table.add_row(who, str(r["n"]), f"{r['exact_match']:.3f}", f"{r['rouge_l']:.3f}")
+            self.console.print(table)
+        self.console.print(f"run directory: {run_dir}")

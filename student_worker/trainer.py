@@ -1,0 +1,337 @@
+"""Trainer: one worker's distillation loop, resumable to the exact step.
+
+    trainer = Trainer(spec, teacher=build_teacher(spec.teacher))
+    trainer.setup()          # student, data, optimizer; resumes from the latest checkpoint
+    summary = trainer.train()  # (warmup) -> distill -> eval, checkpoints at every stage boundary
+    trainer.cleanup()
+
+Phases of one distill step (`_distill_step`), repeated `grad_accum` times before the update:
+  1. take B prompts from this rank's shard;
+  2. with probability λ the student samples the responses, else they come from the data set or
+     the teacher (SeqKD); the coin and the sampler are seeded from (seed, stage, step, micro, rank);
+  3. teacher.score on prompt + response from len(prompt), top-k (or full rows);
+  4. student forward, the chosen divergence on the response positions;
+  5. backward; then clip, optimizer and LR step, unless any loss was non-finite (skipped, counted).
+All randomness comes from those seeds, and the data position, optimizer, scheduler and counters
+are checkpointed, so a resumed run repeats an uninterrupted one step for step (R-40).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from teacher_server.contract import Teacher
+from teacher_server.engine import check_model_dir, tokenizer_fingerprint
+
+from . import warmup as warmup_mod
+from .checkpoint import CheckpointManager, CheckpointRef
+from .config import JobSpec, TeacherSpec
+from .data import Example, ShardedOrder, load_splits
+from .eval import evaluate_models
+from .losses import distill_loss
+from .rollout import mismatch_metrics, sample_responses, score_batch, student_logits, teacher_responses
+
+log = logging.getLogger(__name__)
+MetricsCallback = Callable[[dict[str, Any]], None]
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many non-finite losses in a row; the job fails with reason `non_finite_loss`."""
+
+    reason = "non_finite_loss"
+
+
+def build_teacher(spec: TeacherSpec) -> Teacher:
+    """A gRPC client for served teachers, or the teacher in-process for `local_model`."""
+    import os
+
+    if spec.local_model:
+        from teacher_server.local import LocalTeacher
+
+        return LocalTeacher.from_model_dir(spec.local_model)
+    from teacher_server.client import TeacherClient
+
+    token = os.environ.get(spec.token_env) if spec.token_env else None
+    return TeacherClient(spec.endpoints, timeout_s=spec.timeout_s, token=token)
+
+
+def step_seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total_steps`."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def load_student(path: str | Path, dtype: str, device: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False)
+    return model.to(device)
+
+
+class Trainer:
+    def __init__(self, spec: JobSpec, teacher: Teacher, *, rank: int = 0, world: int = 1,
+                 on_metrics: MetricsCallback | None = None) -> None:
+        self.spec, self.teacher, self.rank, self.world = spec, teacher, rank, world
+        self.on_metrics = on_metrics
+        self.run_dir = Path(spec.checkpoint.dir)
+        self.ckpt = CheckpointManager(self.run_dir, spec.checkpoint.keep_last)
+        self.is_main = rank == 0
+        self.stage, self.step = "warmup" if spec.warmup.enabled else "distill", 0
+        self.non_finite_streak = self.non_finite_total = 0
+        self.history: list[dict[str, Any]] = []
+        self.resumed_from: CheckpointRef | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from transformers import AutoTokenizer
+
+        spec = self.spec
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.student.model)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.eos_id = self.tokenizer.eos_token_id
+        ref = self.ckpt.latest_valid()
+        self.model = load_student(ref.path if ref else spec.student.model, spec.student.dtype,
+                                  spec.student.device)
+        info = self.teacher.info()
+        info.check_compatible(int(self.model.get_output_embeddings().weight.shape[0]),
+                              tokenizer_fingerprint(self.tokenizer))
+        longest = spec.data.max_prompt_tokens + max(spec.distill.max_new_tokens, spec.warmup.max_new_tokens,
+                                                    spec.data.max_response_tokens)
+        if longest > info.max_sequence_length:
+            raise ValueError(f"prompts of {spec.data.max_prompt_tokens} tokens + responses of up to "
+                             f"{longest - spec.data.max_prompt_tokens} exceed the teacher's limit of "
+                             f"{info.max_sequence_length} tokens")
+        self.train_set, self.eval_set = load_splits(spec.data, self.tokenizer, spec.seed)
+        self.order = ShardedOrder(len(self.train_set), spec.distill.batch_size, rank=self.rank,
+                                  world=self.world, seed=spec.seed)
+        self.pairs: list[warmup_mod.PreferencePair] = []
+        self.pair_order: ShardedOrder | None = None
+        self.reference: torch.nn.Module | None = None
+        if ref is not None:
+            self.load(ref)
+        self._new_optimizer()
+        if ref is not None:
+            self._restore_optimizer(self._pending_state)
+
+    def _stage_spec(self):
+        return self.spec.warmup if self.stage == "warmup" else self.spec.distill
+
+    def _new_optimizer(self) -> None:
+        d = self.spec.distill
+        s = self._stage_spec()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=d.weight_decay)
+        warm = d.warmup_steps if self.stage == "distill" else 0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(warm, s.steps, d.min_lr_ratio))
+
+    # ------------------------------------------------------------------ save / load
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage, "step": self.step,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "order": self.order.state_dict(),
+            "pair_order": self.pair_order.state_dict() if self.pair_order else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "counters": {"non_finite_streak": self.non_finite_streak,
+                         "non_finite_total": self.non_finite_total},
+        }
+
+    def save(self) -> CheckpointRef | None:
+        if not self.is_main:
+            return None
+        ref = self.ckpt.save(self.model, self.state_dict(), self.spec.to_json(), stage=self.stage,
+                             step=self.step)
+        log.info("checkpoint %s", ref.path)
+        return ref
+
+    def load(self, ref: CheckpointRef) -> None:
+        """Counters and positions from `ref` (weights were loaded from it by setup)."""
+        state = self.ckpt.load_state(ref)
+        self.stage, self.step = state["stage"], int(state["step"])
+        self.order.load_state_dict(state["order"])
+        self._pair_order_state = state["pair_order"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_tuple(state["rng"]["python"]))
+        self.non_finite_streak = int(state["counters"]["non_finite_streak"])
+        self.non_finite_total = int(state["counters"]["non_finite_total"])
+        self._pending_state = state
+        self.resumed_from = ref
+        log.info("resumed from %s (stage %s, step %d)", ref.path.name, self.stage, self.step)
+
+    def _restore_optimizer(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def cleanup(self) -> None:
+        close = getattr(self.teacher, "close", None)
+        if close is not None:
+            close()
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict[str, Any]:
+        """Run the remaining stages; returns the summary (also written to <run dir>/summary.json)."""
+        if self.stage == "warmup":
+            self._run_warmup()
+            self._advance("distill")
+        if self.stage == "distill":
+            while self.step < self.spec.distill.steps:
+                self._emit(self._distill_step())
+                self._maybe_checkpoint()
+            self._advance("done")
+        summary = {"stage": self.stage, "non_finite_total": self.non_finite_total,
+                   "last": self.history[-1] if self.history else None}
+        if self.spec.eval.enabled and self.is_main and self.eval_set:
+            summary["eval"] = evaluate_models(self.model, self.teacher if self.spec.eval.teacher else None,
+                                              self.eval_set, self.tokenizer, self.spec.eval, self.eos_id)
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        return summary
+
+    def _advance(self, stage: str) -> None:
+        """Stage boundary: fresh optimizer for the next stage, and a checkpoint."""
+        self.stage, self.step = stage, 0
+        if stage != "done":
+            self._new_optimizer()
+        self.save()
+
+    def _maybe_checkpoint(self) -> None:
+        every = self.spec.checkpoint.every_steps
+        if self.step % every == 0 and self.step < self._stage_spec().steps:
+            self.save()
+
+    def _emit(self, metrics: dict[str, Any]) -> None:
+        self.history.append(metrics)
+        if self.is_main and metrics["step"] % self.spec.log_every == 0:
+            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+            print(json.dumps(shown), flush=True)
+        if self.on_metrics is not None:
+            self.on_metrics(metrics)
+
+    def _update(self, losses: list[torch.Tensor]) -> bool:
+        """Clip and step unless a loss was non-finite; returns whether the step was taken."""
+        finite = all(bool(torch.isfinite(l)) for l in losses)
+        if finite:
+            if self.spec.distill.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.distill.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.non_finite_streak = 0
+        else:
+            self.non_finite_streak += 1
+            self.non_finite_total += 1
+            if self.non_finite_streak >= self.spec.distill.max_non_finite:
+                raise NonFiniteLoss(f"{self.non_finite_streak} non-finite losses in a row at "
+                                    f"{self.stage} step {self.step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    # ------------------------------------------------------------------ distill
+    def _distill_step(self) -> dict[str, Any]:
+        d, t_start = self.spec.distill, time.perf_counter()
+        self.model.train()
+        times = {"generate_s": 0.0, "teacher_s": 0.0, "forward_backward_s": 0.0}
+        losses, parts, tokens, on_policy = [], [], 0, 0
+        for micro in range(d.grad_accum):
+            examples = [self.train_set[i] for i in self.order.next_batch()]
+            prompts = [e.prompt_ids for e in examples]
+            seed = step_seed(self.spec.seed, self.stage, self.step, micro, self.rank)
+            t0 = time.perf_counter()
+            responses, sampled = self._responses(examples, prompts, seed)
+            on_policy += sampled
+            t1 = time.perf_counter()
+            batch = score_batch(self.teacher, prompts, responses, top_k=d.top_k, temperature=d.temperature,
+                                full_logprobs=d.full_logprobs, pad_id=self.pad_id)
+            t2 = time.perf_counter()
+            logits = student_logits(self.model, batch)
+            loss = distill_loss(logits, batch.teacher, batch.response_mask, loss=d.loss, alpha=d.alpha,
+                                beta=d.beta, mu=d.mu, temperature=d.temperature,
+                                chunk_size=d.loss_chunk_size)
+            if torch.isfinite(loss):
+                (loss / d.grad_accum).backward()
+            times["generate_s"] += t1 - t0
+            times["teacher_s"] += t2 - t1
+            times["forward_backward_s"] += time.perf_counter() - t2
+            losses.append(loss.detach())
+            parts.append(mismatch_metrics(logits.detach(), batch, d.temperature))
+            tokens += batch.num_response_tokens
+        took = self._update(losses)
+        self.step += 1
+        elapsed = time.perf_counter() - t_start
+        metrics: dict[str, Any] = {
+            "stage": "distill", "step": self.step, "loss": float(torch.stack(losses).mean()),
+            "skipped": not took, "lr": self.scheduler.get_last_lr()[0], "tokens": tokens,
+            "tokens_per_s": tokens / elapsed, "step_s": elapsed,
+            "on_policy_fraction": on_policy / d.grad_accum, **times,
+            "teacher_latency_s": times["teacher_s"] / d.grad_accum,
+        }
+        for key in parts[0]:
+            metrics[key] = sum(p[key] for p in parts) / len(parts)
+        return metrics
+
+    def _responses(self, examples: list[Example], prompts: list[torch.Tensor], seed: int):
+        d = self.spec.distill
+        if random.Random(seed).random() < d.on_policy_fraction:
+            return sample_responses(self.model, prompts, max_new_tokens=d.max_new_tokens,
+                                    temperature=d.sample_temperature, top_p=d.top_p,
+                                    stop_ids=[self.eos_id], seed=seed), 1
+        if d.off_policy_source == "teacher":
+            return teacher_responses(self.teacher, prompts, max_new_tokens=d.max_new_tokens,
+                                     temperature=d.sample_temperature, top_p=d.top_p,
+                                     stop_ids=[self.eos_id], seed=seed), 0
+        return [e.response_ids for e in examples], 0
+
+    # ------------------------------------------------------------------ warmup
+    def _run_warmup(self) -> None:
+        w = self.spec.warmup
+        self.reference = warmup_mod.frozen_copy(load_student(self.spec.student.model, self.spec.student.dtype,
+                                                             self.spec.student.device))
+        # Pairs come from the frozen initial student, so a resumed warmup rebuilds the same ones.
+        prompt_order = ShardedOrder(len(self.train_set), max(1, w.prompts // self.world), rank=self.rank,
+                                    world=self.world, seed=self.spec.seed + 1)
+        prompts = [self.train_set[i].prompt_ids for i in prompt_order.next_batch()]
+        self.pairs, stats = warmup_mod.build_pairs(self.reference, self.teacher, prompts, w,
+                                                   eos_id=self.eos_id, seed=step_seed(self.spec.seed, "pairs", self.rank))
+        self._emit({"stage": "warmup", "step": self.step, "event": "pairs", **stats.as_dict()})
+        if not self.pairs:
+            log.warning("warmup built no pairs (nothing flagged); skipping the warmup stage")
+            return
+        self.pair_order = ShardedOrder(len(self.pairs), w.batch_size, seed=self.spec.seed)
+        if getattr(self, "_pair_order_state", None):
+            self.pair_order.load_state_dict(self._pair_order_state)
+        while self.step < w.steps:
+            t0 = time.perf_counter()
+            self.model.train()
+            batch = [self.pairs[i] for i in self.pair_order.next_batch()]
+            loss, metrics = warmup_mod.preference_loss(self.model, self.reference, batch, w, pad_id=self.pad_id)
+            if torch.isfinite(loss):
+                loss.backward()
+            took = self._update([loss.detach()])
+            self.step += 1
+            self._emit({"stage": "warmup", "step": self.step, "skipped": not took,
+                        "lr": self.scheduler.get_last_lr()[0], "step_s": time.perf_counter() - t0, **metrics})
+            self._maybe_checkpoint()
+        self.reference = None
+
+
+def _as_tuple(x: Any) -> Any:
+    """random.setstate wants tuples; a checkpoint may hold lists."""
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,55 @@
+"""Tiny teacher, smaller student (same locally trained tokenizer) and an arithmetic data set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from student_worker.config import JobSpec
+from student_worker.data import arithmetic_rows
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory) -> Path:
+    from teacher_server.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-student"), family="llama", hidden=32, layers=1,
+                       heads=2, seed=7)
+
+
+@pytest.fixture(scope="session")
+def arith_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(80, seed=0)))
+    return path
+
+
+@pytest.fixture
+def make_spec(tiny_llama, tiny_student, arith_data, tmp_path):
+    """A small valid JobSpec; keyword sections override (merged into the defaults below)."""
+
+    def make(**sections) -> JobSpec:
+        doc = {
+            "name": "test",
+            "seed": 0,
+            "student": {"model": str(tiny_student)},
+            "teacher": {"local_model": str(tiny_llama)},
+            "data": {"path": str(arith_data), "eval_fraction": 0.1, "max_prompt_tokens": 16,
+                     "max_response_tokens": 8},
+            "warmup": {"enabled": False, "prompts": 8, "samples_per_prompt": 2, "threshold": 0.0,
+                       "max_new_tokens": 6, "steps": 3, "batch_size": 4, "lr": 1e-3},
+            "distill": {"loss": "fkl", "steps": 4, "batch_size": 4, "top_k": 8, "max_new_tokens": 6,
+                        "lr": 1e-3, "warmup_steps": 1},
+            "checkpoint": {"dir": str(tmp_path / "run"), "every_steps": 2, "keep_last": 3},
+            "eval": {"enabled": False, "max_samples": 4, "max_new_tokens": 6, "batch_size": 4},
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(doc.get(key), dict):
+                doc[key] = {**doc[key], **value}
+            else:
+                doc[key] = value
+        return JobSpec.model_validate(doc)
+
+    return make

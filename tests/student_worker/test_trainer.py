@@ -1,0 +1,213 @@
+"""The single-process trainer on tiny models: stages, teachers, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from student_worker.checkpoint import CheckpointManager
+from student_worker.trainer import NonFiniteLoss, Trainer, build_teacher
+from teacher_server.contract import TeacherMismatch
+from teacher_server.local import LocalTeacher
+from teacher_server.process import start_teacher
+
+
+class _Stop(Exception):
+    pass
+
+
+def run(spec, teacher=None, on_metrics=None):
+    trainer = Trainer(spec, teacher or build_teacher(spec.teacher), on_metrics=on_metrics)
+    trainer.setup()
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.cleanup()
+    return trainer, summary
+
+
+def weights(run_dir, name):
+    return load_file(str(run_dir / "checkpoints" / name / "model.safetensors"))
+
+
+def test_distill_with_local_teacher_reports_metrics_and_checkpoints(make_spec):
+    spec = make_spec(distill={"loss": "akl", "steps": 4}, eval={"enabled": True})
+    seen = []
+    trainer, summary = run(spec, on_metrics=seen.append)
+    steps = [m for m in seen if m["stage"] == "distill"]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    for m in steps:
+        assert torch.isfinite(torch.tensor(m["loss"])) and m["loss"] >= 0
+        for key in ("tokens_per_s", "generate_s", "teacher_s", "forward_backward_s", "teacher_latency_s",
+                    "teacher_logprob", "topk_overlap", "tail_mass", "fkl", "rkl"):
+            assert key in m, key
+        assert 0 <= m["topk_overlap"] <= 1 and 0 <= m["tail_mass"] <= 1
+        assert m["on_policy_fraction"] == 1.0
+    names = [r.path.name for r in CheckpointManager(spec.checkpoint.dir).list()]
+    assert names == ["distill-00000002", "done-00000000"]  # every 2 steps, then the stage boundary
+    ckpt = CheckpointManager(spec.checkpoint.dir).latest_valid()
+    assert json.loads((ckpt.path / "spec.json").read_text()) == json.loads(spec.to_json())
+    assert set(summary["eval"]) == {"student", "teacher"}
+    assert 0 <= summary["eval"]["student"]["rouge_l"] <= 1
+
+
+def test_off_policy_kd_lowers_the_loss_on_a_fixed_batch(make_spec):
+    """Learning, not just running: with data responses, FKL on the same batch goes down."""
+    spec = make_spec(distill={"steps": 30, "on_policy_fraction": 0.0, "lr": 1e-2, "batch_size": 8},
+                     checkpoint={"every_steps": 100})
+    seen = []
+    run(spec, on_metrics=seen.append)
+    losses = [m["loss"] for m in seen if m["stage"] == "distill"]
+    assert all(m["on_policy_fraction"] == 0.0 for m in seen if m["stage"] == "distill")
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_seq_kd_takes_responses_from_the_teacher(make_spec):
+    spec = make_spec(distill={"on_policy_fraction": 0.0, "off_policy_source": "teacher", "steps": 2})
+    seen = []
+    run(spec, on_metrics=seen.append)
+    # The teacher's own greedy-free samples score high under the teacher compared to data text.
+    assert all(m["on_policy_fraction"] == 0.0 for m in seen if m["stage"] == "distill")
+    assert all(m["teacher_logprob"] > -8 for m in seen if m["stage"] == "distill")
+
+
+def test_served_teacher_gives_the_same_run_as_local(make_spec, tiny_llama, tmp_path):
+    server = start_teacher(tiny_llama, "--max-wait-ms", "2", log_path=tmp_path / "teacher.log")
+    try:
+        local_spec = make_spec(checkpoint={"dir": str(tmp_path / "local")})
+        served_spec = make_spec(teacher={"endpoints": [server.endpoint], "local_model": None},
+                                checkpoint={"dir": str(tmp_path / "served")})
+        local_seen, served_seen = [], []
+        run(local_spec, on_metrics=local_seen.append)
+        run(served_spec, on_metrics=served_seen.append)
+    finally:
+        server.stop()
+    for a, b in zip(local_seen, served_seen):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5)
+    wa, wb = weights(tmp_path / "local", "done-00000000"), weights(tmp_path / "served", "done-00000000")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_warmup_then_distill_with_stage_boundary_checkpoints(make_spec):
+    spec = make_spec(warmup={"enabled": True}, distill={"steps": 2}, checkpoint={"every_steps": 100})
+    seen = []
+    run(spec, on_metrics=seen.append)
+    events = [m for m in seen if m.get("event") == "pairs"]
+    assert len(events) == 1 and events[0]["samples"] == 8 * 2
+    warm = [m for m in seen if m["stage"] == "warmup" and "event" not in m]
+    if events[0]["pairs"]:
+        assert [m["step"] for m in warm] == [1, 2, 3]
+        assert all("accuracy" in m and "reward_margin" in m for m in warm)
+    names = [r.path.name for r in CheckpointManager(spec.checkpoint.dir).list()]
+    assert names == ["distill-00000000", "done-00000000"]
+
+
+def test_resume_repeats_an_uninterrupted_run_exactly(make_spec, tmp_path):
+    """R-40: kill mid-run, resume: same per-step losses, data order and final weights."""
+    common = dict(warmup={"enabled": True, "steps": 2}, distill={"steps": 6, "on_policy_fraction": 0.5},
+                  checkpoint={"every_steps": 2})
+    clean_spec = make_spec(checkpoint={"dir": str(tmp_path / "clean"), "every_steps": 2}, **{
+        k: v for k, v in common.items() if k != "checkpoint"})
+    clean = []
+    run(clean_spec, on_metrics=clean.append)
+
+    spec = make_spec(checkpoint={"dir": str(tmp_path / "killed"), "every_steps": 2},
+                     **{k: v for k, v in common.items() if k != "checkpoint"})
+    first = []
+
+    def crash_at_step_5(m):
+        first.append(m)
+        if m["stage"] == "distill" and m["step"] == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run(spec, on_metrics=crash_at_step_5)
+    resumed = []
+    trainer, _ = run(spec, on_metrics=resumed.append)
+    assert trainer.resumed_from.path.name == "distill-00000004"
+    assert [m["step"] for m in resumed] == [5, 6]
+    by_step = {(m["stage"], m["step"]): m["loss"] for m in clean if "loss" in m}
+    for m in first[:-1] + resumed:
+        if "loss" in m:
+            assert m["loss"] == by_step[(m["stage"], m["step"])], (m["stage"], m["step"])
+    wa, wb = weights(tmp_path / "clean", "done-00000000"), weights(tmp_path / "killed", "done-00000000")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_a_torn_or_corrupt_checkpoint_falls_back_to_the_previous_one(make_spec, tmp_path):
+    """R-41 / R-42: a half-written directory is ignored; a checksum mismatch uses the one before."""
+    spec = make_spec(distill={"steps": 4}, checkpoint={"every_steps": 1, "keep_last": 5})
+    run(spec)
+    mgr = CheckpointManager(spec.checkpoint.dir)
+    assert mgr.latest_valid().path.name == "done-00000000"
+    (mgr.root / ".distill-00000009.abc.tmp").mkdir()  # a crash mid-write leaves only this
+    blob = mgr.root / "done-00000000" / "model.safetensors"
+    blob.write_bytes(blob.read_bytes()[:-8] + b"\0" * 8)
+    ref = mgr.latest_valid()
+    assert ref.path.name == "distill-00000003"
+    trainer = Trainer(spec, build_teacher(spec.teacher))
+    trainer.setup()
+    assert (trainer.stage, trainer.step) == ("distill", 3)
+
+
+def test_checkpoint_state_is_never_unpickled(make_spec):
+    spec = make_spec(distill={"steps": 2})
+    run(spec)
+    ref = CheckpointManager(spec.checkpoint.dir).latest_valid()
+    state = torch.load(ref.path / "state.pt", weights_only=True)  # raises if anything needs pickle
+    assert state["stage"] == "done"
+
+
+def test_non_finite_losses_skip_steps_then_fail_the_run(make_spec, monkeypatch):
+    """R-43: NaN losses are skipped and counted; K in a row fail with non_finite_loss, no checkpoint."""
+    import student_worker.trainer as trainer_mod
+
+    spec = make_spec(distill={"steps": 6, "max_non_finite": 3}, checkpoint={"every_steps": 1})
+    real = trainer_mod.distill_loss
+    calls = {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        loss = real(*a, **kw)
+        return loss * float("nan") if calls["n"] >= 2 else loss
+
+    monkeypatch.setattr(trainer_mod, "distill_loss", flaky)
+    seen = []
+    with pytest.raises(NonFiniteLoss) as err:
+        run(spec, on_metrics=seen.append)
+    assert err.value.reason == "non_finite_loss"
+    assert [m["skipped"] for m in seen] == [False, True, True]
+    names = [r.path.name for r in CheckpointManager(spec.checkpoint.dir).list()]
+    assert names == ["distill-00000001"]  # nothing written from the non-finite steps
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(make_spec, tmp_path):
+    from teacher_server.tiny import build_model
+
+    other = build_model(tmp_path / "other", hidden=32, layers=1, heads=2, tokenizer_vocab=300)
+    spec = make_spec(teacher={"local_model": str(other)})
+    trainer = Trainer(spec, LocalTeacher.from_model_dir(str(other)))
+    with pytest.raises(TeacherMismatch, match="vocab size: teacher 300, student 512"):
+        trainer.setup()
+
+
+def test_train_cli_runs_a_spec_file(make_spec, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    spec = make_spec(distill={"steps": 2}, eval={"enabled": True})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(json.loads(spec.to_json())))
+    result = CliRunner().invoke(app, ["train", str(path), "--run-dir", str(tmp_path / "cli-run")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "cli-run" / "summary.json").read_text())
+    assert summary["stage"] == "done" and "student" in summary["eval"]
+    shutil.rmtree(tmp_path / "cli-run")
