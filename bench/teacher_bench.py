@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,8 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from teacher_server.client import TeacherClient, wait_until_serving  # noqa: E402
+from teacher_server.client import TeacherClient  # noqa: E402
 from teacher_server.local import LocalTeacher  # noqa: E402
+from teacher_server.process import start_teacher  # noqa: E402
 from teacher_server.tiny import build_model  # noqa: E402
 
 
@@ -59,27 +58,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-class Server:
-    def __init__(self, model: Path, args: argparse.Namespace, *flags: str) -> None:
-        self.tmp = tempfile.TemporaryDirectory()
-        port_file = Path(self.tmp.name) / "port"
-        cmd = [sys.executable, "-m", "services.cli", "teacher", "serve", "--model", str(model),
-               "--port", "0", "--port-file", str(port_file), "--device", args.device,
-               "--dtype", args.dtype, "--max-queue", "1024", "--drain-delay-s", "0", *flags]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("teacher server did not start")
-            time.sleep(0.05)
-        self.endpoint = f"127.0.0.1:{port_file.read_text()}"
-        wait_until_serving(self.endpoint, timeout_s=300)
-
-    def close(self) -> None:
-        os.kill(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(60)
-        self.tmp.cleanup()
+def start_server(model: Path, args: argparse.Namespace, *flags: str):
+    return start_teacher(model, "--device", args.device, "--dtype", args.dtype, "--max-queue", "1024",
+                         "--drain-delay-s", "0", *flags)
 
 
 def make_stream(args: argparse.Namespace, vocab: int) -> list[list[torch.Tensor]]:
@@ -193,7 +174,7 @@ def main() -> None:
         results: dict[tuple[str, int], float] = {}
         for label, flags in [("batching on", ("--max-wait-ms", "5")),
                              ("batching off", ("--max-batch-requests", "1"))]:
-            server = Server(model, args, *flags)
+            server = start_server(model, args, *flags)
             try:
                 for clients in (1, 8, 32):
                     rate = median_of(lambda: served(server.endpoint, stream, args, clients), args.repeats)
@@ -204,7 +185,7 @@ def main() -> None:
                     wire_rows = wire_bytes(server.endpoint, stream, args, info.vocab_size)
                     p50, p99 = latency(server.endpoint, info.vocab_size)
             finally:
-                server.close()
+                server.stop()
 
     print()
     print("| measurement | tokens/s | × in-process |")
