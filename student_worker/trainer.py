@@ -158,6 +158,8 @@ class Trainer:
     def save(self) -> CheckpointRef | None:
         if not self.is_main:
             return None
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise NonFiniteLoss(f"non-finite weights at {self.stage} step {self.step}; not saving them")
         ref = self.ckpt.save(self.model, self.state_dict(), self.spec.to_json(), stage=self.stage,
                              step=self.step)
         log.info("checkpoint %s", ref.path)
@@ -215,7 +217,8 @@ class Trainer:
 
     def _maybe_checkpoint(self) -> None:
         every = self.spec.checkpoint.every_steps
-        if self.step % every == 0 and self.step < self._stage_spec().steps:
+        # A step just skipped for a non-finite loss is no point to save from.
+        if self.step % every == 0 and self.step < self._stage_spec().steps and not self.non_finite_streak:
             self.save()
 
     def _emit(self, metrics: dict[str, Any]) -> None:
