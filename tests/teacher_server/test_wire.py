@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from teacher_server import wire
-from teacher_server.contract import Generation, InvalidRequest, SamplingParams, ScoreArgs, ScoredSequence, TeacherInfo
+from teacher_server.contract import (
+    Generation,
+    InvalidRequest,
+    SamplingParams,
+    ScoreArgs,
+    ScoredSequence,
+    TeacherInfo,
+)
 from teacher_server.pb import teacher_pb2 as pb
 
 DTYPES = [(torch.int32, pb.DTYPE_INT32, "<i4"), (torch.int64, pb.DTYPE_INT64, "<i8"),
@@ -171,7 +178,8 @@ def test_empty_scored_sequence_round_trip():
 ])
 def test_generate_request_round_trip(params):
     prompts = [torch.tensor([5, 6, 7]), torch.tensor([1])]
-    back_prompts, back = wire.generate_request_from_pb(_reencode(wire.generate_request_to_pb(prompts, params)))
+    msg = _reencode(wire.generate_request_to_pb(prompts, params))
+    back_prompts, back = wire.generate_request_from_pb(msg)
     assert [p.tolist() for p in back_prompts] == [[5, 6, 7], [1]]
     assert back == params  # seed 0 and temperature 0 (greedy) are not lost as "unset"
 
@@ -192,7 +200,8 @@ def test_generate_request_defaults():
     Generation(token_ids=torch.tensor([3, 4, 2]), finish_reason="stop"),
     Generation(token_ids=torch.tensor([3, 4]), finish_reason="length",
                token_logprobs=torch.tensor([-0.5, -1.25]),
-               topk_ids=torch.tensor([[3, 1], [4, 0]]), topk_logprobs=torch.tensor([[-0.5, -2.0], [-1.25, -1.5]])),
+               topk_ids=torch.tensor([[3, 1], [4, 0]]),
+               topk_logprobs=torch.tensor([[-0.5, -2.0], [-1.25, -1.5]])),
     Generation(token_ids=torch.empty(0, dtype=torch.long), finish_reason="length",
                token_logprobs=torch.empty(0), topk_ids=torch.empty(0, 2, dtype=torch.long),
                topk_logprobs=torch.empty(0, 2)),
