@@ -42,7 +42,11 @@ def from_pb(msg: pb.Tensor, what: str = "tensor") -> torch.Tensor:
     if count * np_dtype.itemsize != len(msg.data):
         raise InvalidRequest(f"{what}: shape {shape} needs {count * np_dtype.itemsize} bytes, "
                              f"got {len(msg.data)}")
-    arr = np.frombuffer(msg.data, dtype=np_dtype).reshape(shape)
+    try:  # numpy refuses some shapes the checks above let through (> 64 dims, empty but huge)
+        arr = np.frombuffer(msg.data, dtype=np_dtype).reshape(shape)
+    except ValueError as exc:
+        raise InvalidRequest(f"{what}: unusable shape {shape[:8]}{'...' if len(shape) > 8 else ''}: "
+                             f"{exc}") from None
     return torch.from_numpy(arr.copy())
 
 
