@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .sampling import generate, row_seed as _row_seed  # noqa: F401 (re-exported)
+from .sampling import generate, temper, row_seed as _row_seed  # noqa: F401 (re-exported)
 from .contract import (
     Generation,
     Limits,
@@ -182,7 +182,7 @@ class TeacherEngine:
         logits = self._head(states).float()
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
-        return torch.log_softmax(logits / temperature, dim=-1)
+        return torch.log_softmax(temper(logits, temperature), dim=-1)
 
     def _head_logprobs(self, states, targets, top_k, temperature, full_rows):
         parts: list[list[torch.Tensor]] = [[], [], [], []]

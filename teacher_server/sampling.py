@@ -23,6 +23,12 @@ def row_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def temper(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature, shifted so each row's maximum is 0 (the same distribution): a tiny
+    temperature would otherwise overflow to inf and turn the softmax into NaN."""
+    return (logits - logits.amax(-1, keepdim=True)) / temperature
+
+
 def left_pad(seqs: Sequence[torch.Tensor], device: torch.device | str, pad_id: int = 0):
     """[B, T] ids and attention mask with every row's tokens flush right."""
     width = max(len(s) for s in seqs)
@@ -91,7 +97,7 @@ def generate(
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
     cache, last_pos, logits = out.past_key_values, position_ids[:, -1], out.logits[:, -1].float()
     while True:
-        scaled = logits / params.temperature if params.temperature > 0 else logits
+        scaled = temper(logits, params.temperature) if params.temperature > 0 else logits
         logprobs = torch.log_softmax(scaled, dim=-1)
         tokens = next_tokens(scaled, params, [gens[i] for i in active])
         if params.logprobs_top_k:
