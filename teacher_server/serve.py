@@ -62,7 +62,10 @@ class TeacherServer:
             futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="rpc"),
             interceptors=[BearerAuth(config.token)] if config.token else [],
             options=[("grpc.max_receive_message_length", size),
-                     ("grpc.max_send_message_length", size)],
+                     ("grpc.max_send_message_length", size),
+                     # A taken port is an error, not shared: with gRPC's default SO_REUSEPORT a
+                     # second teacher would silently take half of the first one's connections.
+                     ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=config.rpc_threads,
         )
         pb_grpc.add_TeacherServicer_to_server(self.servicer, self.server)
@@ -122,7 +125,10 @@ def run(config: ServerConfig) -> int:
     print(f"teacher: listening on {config.host}:{server.port}", flush=True)
     loader = threading.Thread(target=_load_or_stop, args=(server, stop, failed), daemon=True)
     loader.start()
-    stop.wait()
+    # Wake up now and then: Python runs signal handlers only in the main thread, between bytecodes,
+    # and a SIGTERM the kernel hands to another thread does not interrupt an untimed wait here.
+    while not stop.wait(0.1):
+        pass
     print("teacher: draining", flush=True)
     server.stop()
     print("teacher: stopped", flush=True)
