@@ -87,3 +87,10 @@ def server_factory(tmp_path):
     yield make
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def start_server_fn():
+    """`start_server` itself, for module-scoped servers with custom flags (test modules cannot
+    import this conftest by name)."""
+    return start_server
