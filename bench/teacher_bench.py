@@ -17,6 +17,7 @@ The server runs as its own process (`distillery teacher serve`) on 127.0.0.1; cl
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import os
 import statistics
 import sys
@@ -166,7 +167,7 @@ def main() -> None:
         in_process(local, stream[:8], args, 8)  # warm up
         rows: list[tuple[str, float]] = []
         # The limit: the better of two batch sizes (on CPU the best batch is often small).
-        base = max(median_of(lambda: in_process(local, stream, args, b), args.repeats) for b in (8, 32))
+        base = max(median_of(partial(in_process, local, stream, args, b), args.repeats) for b in (8, 32))
         rows.append(("in-process batched forward (best of 8 / 32 sequences)", base))
         print(f"  in-process: {base:,.0f} tok/s", flush=True)
         del local

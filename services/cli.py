@@ -49,10 +49,15 @@ def teacher_serve(
 ) -> None:
     """Serve a causal LM over gRPC (Info, Score, Generate) with dynamic batching."""
     from teacher_server.batcher import BatcherConfig
-    from teacher_server.engine import EngineConfig
+    from teacher_server.engine import EngineConfig, check_model_dir
     from teacher_server.serve import ServerConfig, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:  # fail in a second with one line, not after binding and a traceback
+        check_model_dir(model)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"could not load the teacher model: {exc}", err=True)
+        raise typer.Exit(1)
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         logging.warning("teacher exposed on %s without --token: anyone who reaches it can use it", host)
     config = ServerConfig(

@@ -42,9 +42,12 @@ from .pb import teacher_pb2_grpc as pb_grpc
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
-def _marked_retryable(err: grpc.RpcError) -> bool:
-    """A full queue is worth retrying; an over-sized message (also RESOURCE_EXHAUSTED) is not."""
-    return any(k == RETRYABLE_KEY for k, _ in (err.trailing_metadata() or ()))
+def _overloaded(err: grpc.RpcError) -> bool:
+    """RESOURCE_EXHAUSTED means a full queue (worth retrying) or an over-sized message (never)."""
+    if any(k == RETRYABLE_KEY for k, _ in (err.trailing_metadata() or ())):
+        return True
+    # gRPC's own refusal past the server's concurrent-RPC limit carries no marker of ours.
+    return "Concurrent RPC limit exceeded" in (err.details() or "")
 
 
 def _raise_for(err: grpc.RpcError, endpoint: str) -> None:
@@ -52,7 +55,9 @@ def _raise_for(err: grpc.RpcError, endpoint: str) -> None:
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         raise InvalidRequest(detail) from None
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        raise Overloaded(f"{endpoint}: {detail}") from None
+        if _overloaded(err):
+            raise Overloaded(f"{endpoint}: {detail}") from None
+        raise InvalidRequest(f"request refused by {endpoint} as too large: {detail}") from None
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         raise TeacherUnavailable(f"teacher at {endpoint}: {code.name}: {detail}") from None
     raise TeacherError(f"teacher at {endpoint}: {code.name}: {detail}") from None
@@ -132,7 +137,7 @@ class TeacherClient:
             except grpc.RpcError as err:
                 retryable = err.code() == grpc.StatusCode.UNAVAILABLE or (
                     self.retry_overloaded and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    and _marked_retryable(err))
+                    and _overloaded(err))
                 delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random())
                 if not retryable or time.monotonic() + delay >= deadline:
                     if retryable or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:

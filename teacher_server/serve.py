@@ -41,7 +41,9 @@ class ServerConfig:
     port: int = DEFAULT_PORT  # 0 picks a free port (written to port_file)
     port_file: str | None = None
     max_message_mb: int = 256
-    rpc_threads: int = 64  # concurrent RPCs being held (waiting on the batcher is cheap)
+    # RPCs held at once: at least this many, and always room for the batcher's queue and batch
+    # plus Info/health, so that the queue refuses work first (its refusals carry the retry marker).
+    rpc_threads: int = 128
     token: str | None = None  # bearer token required on teacher calls when set
     metrics_port: int | None = None  # Prometheus exporter; None disables it
     grace_s: float = 30.0  # in-flight calls get this long after SIGTERM
@@ -58,15 +60,17 @@ class TeacherServer:
         self.health = health.HealthServicer()
         self.batcher: Batcher | None = None
         size = config.max_message_mb * 1024 * 1024
+        b = config.batcher
+        self.rpc_limit = max(config.rpc_threads, b.max_queue + b.max_batch_requests + 16)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="rpc"),
+            futures.ThreadPoolExecutor(max_workers=self.rpc_limit, thread_name_prefix="rpc"),
             interceptors=[BearerAuth(config.token)] if config.token else [],
             options=[("grpc.max_receive_message_length", size),
                      ("grpc.max_send_message_length", size),
                      # A taken port is an error, not shared: with gRPC's default SO_REUSEPORT a
                      # second teacher would silently take half of the first one's connections.
                      ("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=config.rpc_threads,
+            maximum_concurrent_rpcs=self.rpc_limit,
         )
         pb_grpc.add_TeacherServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -10,12 +10,10 @@ the Prometheus endpoint.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -35,16 +33,6 @@ LENGTHS = [1, 7, 12, 3, 30, 2, 16, 5]
 
 
 # ------------------------------------------------------------------------------------ fixtures
-def _start_server_fn(request):
-    """`start_server` of tests/teacher_server/conftest.py (the module pytest already loaded)."""
-    here = Path(__file__).with_name("conftest.py")
-    for plugin in request.config.pluginmanager.get_plugins():
-        f = getattr(plugin, "__file__", None)
-        if f and os.path.exists(f) and os.path.samefile(f, here):
-            return plugin.start_server
-    raise LookupError("tests/teacher_server/conftest.py is not loaded")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,10 +51,10 @@ def client(served_llama):
 
 
 @pytest.fixture(scope="module")
-def metered(request, tiny_llama, tmp_path_factory):
+def metered(start_server_fn, tiny_llama, tmp_path_factory):
     """Two more servers, started together, each with a Prometheus port:
     "unbatched" (--max-batch-requests 1) and "guarded" (--token)."""
-    start_server = _start_server_fn(request)
+    start_server = start_server_fn
     tmp = tmp_path_factory.mktemp("metered")
     ports = {"unbatched": free_port(), "guarded": free_port()}
     flags = {"unbatched": ["--max-batch-requests", "1"], "guarded": ["--token", TOKEN]}
