@@ -29,18 +29,31 @@ class StudentSpec(_Strict):
     device: str = Field("cpu", max_length=32, description="cpu, cuda or cuda:N (Ray sets it per worker).")
 
 
+class TeacherActorSpec(_Strict):
+    model: str = Field(description="Teacher model directory, readable from the Ray nodes.")
+    replicas: int = Field(1, ge=1, le=64, description="Teacher servers started as Ray actors.")
+    num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs reserved per replica.")
+    device: str = Field("cpu", max_length=32, description="cpu or cuda (the replica's own GPU).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Teacher compute dtype.")
+    max_restarts: int = Field(-1, ge=-1, le=1000, description="Restarts of a dead replica (-1 = always).")
+
+
 class TeacherSpec(_Strict):
     endpoints: list[str] = Field(default_factory=list, max_length=64,
                                  description="host:port of running teacher servers, used round-robin.")
     local_model: str | None = Field(None, description="Run this teacher model in-process instead.")
+    ray_actor: TeacherActorSpec | None = Field(
+        None, description="Start the teacher inside the Ray cluster, as gRPC servers in Ray actors.")
     timeout_s: float = Field(120.0, gt=0, le=3600, description="Deadline of one teacher call, seconds.")
     token_env: str | None = Field(None, max_length=128,
                                   description="Environment variable holding the teacher's bearer token.")
 
     @model_validator(mode="after")
     def _one_teacher(self) -> "TeacherSpec":
-        if bool(self.endpoints) == bool(self.local_model):
-            raise ValueError("teacher needs exactly one of `endpoints` (served) or `local_model` (in-process)")
+        if sum(map(bool, (self.endpoints, self.local_model, self.ray_actor))) != 1:
+            raise ValueError("teacher needs exactly one of `endpoints` (running servers), `local_model` "
+                             "(in-process) or `ray_actor` (started in the Ray cluster)")
         return self
 
 
@@ -119,6 +132,18 @@ class EvalSpec(_Strict):
     teacher: bool = Field(True, description="Also evaluate the teacher on the same set, for reference.")
 
 
+class ResourcesSpec(_Strict):
+    workers: int = Field(1, ge=1, le=1024, description="Student workers (Ray Train data-parallel ranks).")
+    cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(0.0, ge=0, le=16, description="GPUs per worker (0 = CPU with gloo).")
+    max_failures: int = Field(3, ge=-1, le=1000, description="Worker-group restarts from the latest "
+                                                            "checkpoint before the job fails (-1 = no limit).")
+    storage_path: str | None = Field(None, description="Ray Train storage: a directory or a URI; "
+                                                      "default <checkpoint.dir>/ray.")
+    check_replicas_every: int = Field(0, ge=0, le=1_000_000, description="Compare the ranks' weight checksums "
+                                                                        "every N steps (0 = never); a mismatch fails the job.")
+
+
 class JobSpec(_Strict):
     name: str = Field("distill", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
                       description="Human-readable job name.")
@@ -130,6 +155,7 @@ class JobSpec(_Strict):
     distill: DistillSpec = Field(default_factory=DistillSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     log_every: int = Field(1, ge=1, le=100_000, description="Print metrics every N optimizer steps.")
 
     @model_validator(mode="after")

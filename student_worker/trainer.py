@@ -32,6 +32,7 @@ import torch
 from teacher_server.contract import Teacher
 from teacher_server.engine import check_model_dir, tokenizer_fingerprint
 
+from . import distributed as dist
 from . import warmup as warmup_mod
 from .checkpoint import CheckpointManager, CheckpointRef
 from .config import JobSpec, TeacherSpec
@@ -42,6 +43,8 @@ from .rollout import mismatch_metrics, sample_responses, score_batch, student_lo
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, Any]], None]
+# Called on every rank at every save point: rank 0 passes the checkpoint it wrote, others None.
+CheckpointCallback = Callable[[CheckpointRef | None, dict[str, Any]], None]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -89,9 +92,10 @@ def load_student(path: str | Path, dtype: str, device: str) -> torch.nn.Module:
 
 class Trainer:
     def __init__(self, spec: JobSpec, teacher: Teacher, *, rank: int = 0, world: int = 1,
-                 on_metrics: MetricsCallback | None = None) -> None:
+                 on_metrics: MetricsCallback | None = None,
+                 on_checkpoint: CheckpointCallback | None = None) -> None:
         self.spec, self.teacher, self.rank, self.world = spec, teacher, rank, world
-        self.on_metrics = on_metrics
+        self.on_metrics, self.on_checkpoint = on_metrics, on_checkpoint
         self.run_dir = Path(spec.checkpoint.dir)
         self.ckpt = CheckpointManager(self.run_dir, spec.checkpoint.keep_last)
         self.is_main = rank == 0
@@ -101,14 +105,15 @@ class Trainer:
         self.resumed_from: CheckpointRef | None = None
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
+    def setup(self, resume_from: CheckpointRef | None = None) -> None:
+        """Build everything; resume from `resume_from`, else from the run directory's latest."""
         from transformers import AutoTokenizer
 
         spec = self.spec
         self.tokenizer = AutoTokenizer.from_pretrained(spec.student.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_id = self.tokenizer.eos_token_id
-        ref = self.ckpt.latest_valid()
+        ref = resume_from or self.ckpt.latest_valid()
         self.model = load_student(ref.path if ref else spec.student.model, spec.student.dtype,
                                   spec.student.device)
         info = self.teacher.info()
@@ -149,20 +154,23 @@ class Trainer:
             "stage": self.stage, "step": self.step,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "order": self.order.state_dict(),
-            "pair_order": self.pair_order.state_dict() if self.pair_order else None,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "counters": {"non_finite_streak": self.non_finite_streak,
                          "non_finite_total": self.non_finite_total},
         }
 
     def save(self) -> CheckpointRef | None:
-        if not self.is_main:
-            return None
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
-            raise NonFiniteLoss(f"non-finite weights at {self.stage} step {self.step}; not saving them")
-        ref = self.ckpt.save(self.model, self.state_dict(), self.spec.to_json(), stage=self.stage,
-                             step=self.step)
-        log.info("checkpoint %s", ref.path)
+        """A save point: rank 0 writes the checkpoint; every rank tells `on_checkpoint`."""
+        ref = None
+        if self.is_main:
+            if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+                raise NonFiniteLoss(f"non-finite weights at {self.stage} step {self.step}; not saving them")
+            ref = self.ckpt.save(self.model, self.state_dict(), self.spec.to_json(), stage=self.stage,
+                                 step=self.step)
+            log.info("checkpoint %s", ref.path)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(ref, {"stage": self.stage, "step": self.step,
+                                     "non_finite_total": self.non_finite_total})
         return ref
 
     def load(self, ref: CheckpointRef) -> None:
@@ -170,7 +178,6 @@ class Trainer:
         state = self.ckpt.load_state(ref)
         self.stage, self.step = state["stage"], int(state["step"])
         self.order.load_state_dict(state["order"])
-        self._pair_order_state = state["pair_order"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(_as_tuple(state["rng"]["python"]))
         self.non_finite_streak = int(state["counters"]["non_finite_streak"])
@@ -230,9 +237,11 @@ class Trainer:
             self.on_metrics(metrics)
 
     def _update(self, losses: list[torch.Tensor]) -> bool:
-        """Clip and step unless a loss was non-finite; returns whether the step was taken."""
-        finite = all(bool(torch.isfinite(l)) for l in losses)
+        """Average gradients over ranks, clip and step, unless a loss on any rank was non-finite;
+        returns whether the step was taken (the same answer on every rank)."""
+        finite = dist.all_true(all(bool(torch.isfinite(l)) for l in losses))
         if finite:
+            dist.average_gradients(list(self.model.parameters()))
             if self.spec.distill.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.distill.grad_clip)
             self.optimizer.step()
@@ -246,6 +255,11 @@ class Trainer:
                                     f"{self.stage} step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
         return finite
+
+    def _check_replicas(self) -> None:
+        every = self.spec.resources.check_replicas_every
+        if every and self.step % every == 0 and not dist.replicas_agree(self.model):
+            raise RuntimeError(f"rank weights diverged at {self.stage} step {self.step}")
 
     # ------------------------------------------------------------------ distill
     def _distill_step(self) -> dict[str, Any]:
@@ -278,6 +292,7 @@ class Trainer:
             tokens += batch.num_response_tokens
         took = self._update(losses)
         self.step += 1
+        self._check_replicas()
         elapsed = time.perf_counter() - t_start
         metrics: dict[str, Any] = {
             "stage": "distill", "step": self.step, "loss": float(torch.stack(losses).mean()),
@@ -314,21 +329,27 @@ class Trainer:
         self.pairs, stats = warmup_mod.build_pairs(self.reference, self.teacher, prompts, w,
                                                    eos_id=self.eos_id, seed=step_seed(self.spec.seed, "pairs", self.rank))
         self._emit({"stage": "warmup", "step": self.step, "event": "pairs", **stats.as_dict()})
-        if not self.pairs:
+        if dist.sum_int(len(self.pairs)) == 0:
             log.warning("warmup built no pairs (nothing flagged); skipping the warmup stage")
             return
-        self.pair_order = ShardedOrder(len(self.pairs), w.batch_size, seed=self.spec.seed)
-        if getattr(self, "_pair_order_state", None):
-            self.pair_order.load_state_dict(self._pair_order_state)
+        # A rank without pairs still takes every step (zero gradients) so collectives line up.
+        self.pair_order = ShardedOrder(len(self.pairs), w.batch_size, seed=self.spec.seed) if self.pairs else None
+        for _ in range(self.step if self.pair_order else 0):  # ranks differ in pair counts: replay
+            self.pair_order.next_batch()
         while self.step < w.steps:
             t0 = time.perf_counter()
             self.model.train()
-            batch = [self.pairs[i] for i in self.pair_order.next_batch()]
-            loss, metrics = warmup_mod.preference_loss(self.model, self.reference, batch, w, pad_id=self.pad_id)
+            if self.pair_order is not None:
+                batch = [self.pairs[i] for i in self.pair_order.next_batch()]
+                loss, metrics = warmup_mod.preference_loss(self.model, self.reference, batch, w,
+                                                           pad_id=self.pad_id)
+            else:
+                loss, metrics = sum(p.sum() for p in self.model.parameters()) * 0.0, {"loss": 0.0}
             if torch.isfinite(loss):
                 loss.backward()
             took = self._update([loss.detach()])
             self.step += 1
+            self._check_replicas()
             self._emit({"stage": "warmup", "step": self.step, "skipped": not took,
                         "lr": self.scheduler.get_last_lr()[0], "step_s": time.perf_counter() - t0, **metrics})
             self._maybe_checkpoint()

@@ -26,23 +26,22 @@ def arith_data(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def make_spec(tiny_llama, tiny_student, arith_data, tmp_path):
-    """A small valid JobSpec; keyword sections override (merged into the defaults below)."""
+def spec_factory(teacher: Path, student: Path, data: Path, run_dir: Path):
+    """A small valid JobSpec maker; keyword sections are merged into the defaults below."""
 
     def make(**sections) -> JobSpec:
         doc = {
             "name": "test",
             "seed": 0,
-            "student": {"model": str(tiny_student)},
-            "teacher": {"local_model": str(tiny_llama)},
-            "data": {"path": str(arith_data), "eval_fraction": 0.1, "max_prompt_tokens": 16,
+            "student": {"model": str(student)},
+            "teacher": {"local_model": str(teacher)},
+            "data": {"path": str(data), "eval_fraction": 0.1, "max_prompt_tokens": 16,
                      "max_response_tokens": 8},
             "warmup": {"enabled": False, "prompts": 8, "samples_per_prompt": 2, "threshold": 0.0,
                        "max_new_tokens": 6, "steps": 3, "batch_size": 4, "lr": 1e-3},
             "distill": {"loss": "fkl", "steps": 4, "batch_size": 4, "top_k": 8, "max_new_tokens": 6,
                         "lr": 1e-3, "warmup_steps": 1},
-            "checkpoint": {"dir": str(tmp_path / "run"), "every_steps": 2, "keep_last": 3},
+            "checkpoint": {"dir": str(run_dir), "every_steps": 2, "keep_last": 3},
             "eval": {"enabled": False, "max_samples": 4, "max_new_tokens": 6, "batch_size": 4},
         }
         for key, value in sections.items():
@@ -53,3 +52,13 @@ def make_spec(tiny_llama, tiny_student, arith_data, tmp_path):
         return JobSpec.model_validate(doc)
 
     return make
+
+
+@pytest.fixture
+def make_spec(tiny_llama, tiny_student, arith_data, tmp_path):
+    return spec_factory(tiny_llama, tiny_student, arith_data, tmp_path / "run")
+
+
+@pytest.fixture(scope="module")
+def make_spec_module(tiny_llama, tiny_student, arith_data, tmp_path_factory):
+    return spec_factory(tiny_llama, tiny_student, arith_data, tmp_path_factory.mktemp("run"))

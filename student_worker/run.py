@@ -1,0 +1,190 @@
+"""Entrypoint of one distillation job: Ray Train over N student workers (a Ray Job's entrypoint).
+
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python -m student_worker.run \\
+        --spec examples/tiny_ray.yaml --job-id tiny-ray-1 --events file:runs/tiny/events.jsonl
+
+Phases: read the spec -> connect to Ray (the job's cluster, or a local one) -> start the teacher
+replicas when the spec asks for them -> a TorchTrainer named after the job with
+`resources.workers` workers (gloo on CPU, NCCL on GPUs) -> each worker runs the single-process
+`Trainer` on its shard, gradients averaged every step, rank 0 checkpointing through
+`ray.train.report` -> summary.json in the run directory.
+
+Recovery: a failed worker group is restarted by Ray Train (`resources.max_failures`) from the last
+reported checkpoint; a new driver with the same job id and storage path finds the same run and
+resumes from it too. Either way training continues from the exact step it checkpointed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import JobSpec
+
+log = logging.getLogger("distillery.run")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Run one distillation job on Ray Train.")
+    p.add_argument("--spec", required=True, type=Path, help="Job spec, YAML or JSON.")
+    p.add_argument("--job-id", required=True, help="Distillery job id: names the Ray Train run.")
+    p.add_argument("--events", action="append", default=[],
+                   help="Event sink (stdout, file:PATH); repeatable. Default: the run dir's events.jsonl.")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------- on every worker
+def _restore(checkpoint, rank: int):
+    """Copy Ray's latest checkpoint to a local directory and return it as a CheckpointRef."""
+    from .checkpoint import CheckpointManager, CheckpointRef
+
+    if checkpoint is None:
+        return None
+    local = Path(tempfile.mkdtemp(prefix=f"distillery-restore-r{rank}-"))
+    with checkpoint.as_directory() as d:
+        manifest = json.loads((Path(d) / "manifest.json").read_text())
+        dst = local / "checkpoints" / f"{manifest['stage']}-{int(manifest['step']):08d}"
+        shutil.copytree(d, dst)
+    ref = CheckpointRef(dst, manifest["stage"], int(manifest["step"]))
+    if not CheckpointManager(local).verify(ref):
+        raise RuntimeError(f"the checkpoint Ray restored ({checkpoint.path}) fails its checksums")
+    return ref
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+
+    from .events import open_sink
+    from .metrics import RayMetrics
+    from .trainer import Trainer, build_teacher
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    spec = JobSpec.model_validate_json(config["spec"])
+    if spec.resources.gpus_per_worker > 0:
+        device = ray.train.torch.get_device()
+        spec = spec.model_copy(update={"student": spec.student.model_copy(update={"device": str(device)})})
+    if config["teacher_endpoints"]:
+        spec = spec.model_copy(update={"teacher": spec.teacher.model_copy(
+            update={"endpoints": config["teacher_endpoints"], "ray_actor": None})})
+    torch.manual_seed(spec.seed)
+    job_id = config["job_id"]
+    sink = open_sink(config["events"])
+    ray_metrics = RayMetrics(job_id)
+    resume = _restore(ray.train.get_checkpoint(), rank)
+    sink.emit({"kind": "worker_start", "id": f"worker_start:{rank}:{os.getpid()}:{time.time_ns()}",
+               "stage": resume.stage if resume else "", "step": resume.step if resume else 0, "rank": rank,
+               "pid": os.getpid(), "restored": resume.path.name if resume else None,
+               "attempt_started_at": time.time(), "job_id": job_id})
+
+    def on_metrics(m: dict[str, Any]) -> None:
+        ray_metrics.record(m)
+        sink.emit({"kind": "metrics", "rank": rank, "pid": os.getpid(), "job_id": job_id, **m})
+
+    def on_checkpoint(ref, info: dict[str, Any]) -> None:
+        from ray.train import Checkpoint
+
+        report = {"stage": info["stage"], "step": info["step"], "non_finite_total": info["non_finite_total"]}
+        if ref is not None:
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(ref.path)))
+        else:
+            ray.train.report(report)
+
+    if rank != 0:  # only rank 0 writes checkpoints; the others keep nothing on disk
+        spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(
+            update={"dir": tempfile.mkdtemp(prefix=f"distillery-rank{rank}-")})})
+    trainer = Trainer(spec, build_teacher(spec.teacher), rank=rank, world=world, on_metrics=on_metrics,
+                      on_checkpoint=on_checkpoint)
+    try:
+        trainer.setup(resume_from=resume)
+        summary = trainer.train()
+        if rank == 0:
+            sink.emit({"kind": "summary", "stage": "done", "step": 0, "rank": 0, "job_id": job_id,
+                       "summary": summary})
+    finally:
+        trainer.cleanup()
+        sink.close()
+        if resume is not None:  # the restored copy lives in a temporary directory of its own
+            shutil.rmtree(resume.path.parents[1], ignore_errors=True)
+        if rank != 0:
+            shutil.rmtree(spec.checkpoint.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- driver
+def run(spec: JobSpec, job_id: str, events: list[str]) -> dict[str, Any]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .teacher_actor import TeacherReplicas
+
+    run_dir = Path(spec.checkpoint.dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    events = events or [f"file:{run_dir / 'events.jsonl'}"]
+    res = spec.resources
+    storage = res.storage_path or str(run_dir / "ray")
+    if "://" not in storage:
+        storage = str(Path(storage).resolve())
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    replicas = TeacherReplicas(spec.teacher.ray_actor, job_id) if spec.teacher.ray_actor else None
+    try:
+        gpus = res.gpus_per_worker
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"spec": spec.model_dump_json(), "job_id": job_id, "events": events,
+                               "teacher_endpoints": replicas.endpoints if replicas else []},
+            torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
+            scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=gpus > 0,
+                                         resources_per_worker={"CPU": res.cpus_per_worker,
+                                                               **({"GPU": gpus} if gpus else {})}),
+            run_config=RunConfig(name=job_id, storage_path=storage,
+                                 failure_config=FailureConfig(max_failures=res.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last)),
+        )
+        result = trainer.fit()
+    finally:
+        if replicas is not None:
+            replicas.stop()
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    summary["worker_group_starts"] = _count_starts(events)
+    summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _count_starts(events: list[str]) -> int:
+    """How many times rank 0 started (1 + worker-group restarts), from the file sink if any."""
+    for t in events:
+        path = Path(t[len("file:"):] if t.startswith("file:") else t)
+        if t != "stdout" and path.exists():
+            return sum(1 for line in path.read_text().splitlines()
+                       if '"worker_start"' in line and json.loads(line).get("rank") == 0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    spec = JobSpec.from_file(args.spec)
+    try:
+        summary = run(spec, args.job_id, args.events)
+    except Exception as exc:  # noqa: BLE001 - the job's failure, told in one line
+        print(f"job {args.job_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"job_id": args.job_id, "summary": summary}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
