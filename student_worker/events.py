@@ -78,16 +78,94 @@ class MultiSink:
             s.close()
 
 
-def open_sink(targets: list[str]) -> EventSink:
-    """`stdout`, `file:PATH` (or a bare path); unknown schemes are an error."""
+def open_sink(targets: list[str], job_id: str = "", attempt: int = 0) -> EventSink:
+    """`stdout`, `file:PATH` (or a bare path), `redis://...?prefix=P` (the job service's stream)."""
     sinks: list[EventSink] = []
     for t in targets:
-        if t == "stdout":
+        if t.startswith(("redis://", "rediss://", "unix://")):
+            from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+            parts = urlsplit(t)
+            query = parse_qs(parts.query)
+            prefix = query.pop("prefix", ["distillery"])[0]
+            url = urlunsplit(parts._replace(query="&".join(f"{a}={b[0]}" for a, b in query.items())))
+            sinks.append(RedisSink(url, job_id, attempt, prefix=prefix))
+        elif t == "stdout":
             sinks.append(StdoutSink())
         elif t.startswith("file:"):
             sinks.append(FileSink(t[len("file:"):]))
         elif "://" not in t:
             sinks.append(FileSink(t))
         else:
-            raise ValueError(f"unknown event sink {t!r}; use stdout or file:PATH")
+            raise ValueError(f"unknown event sink {t!r}; use stdout, file:PATH or redis://...")
     return MultiSink(sinks)
+
+
+class RedisKeys:
+    """The Redis key layout of the job service, shared by the store and the workers' sink."""
+
+    def __init__(self, prefix: str = "distillery") -> None:
+        self.prefix = prefix
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def events(self, job_id: str) -> str:
+        return f"{self.prefix}:events:{job_id}"
+
+    def seen(self, job_id: str) -> str:
+        return f"{self.prefix}:seen:{job_id}"
+
+    def lease(self, job_id: str) -> str:
+        return f"{self.prefix}:lease:{job_id}"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+    @property
+    def index(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    @property
+    def active(self) -> str:
+        return f"{self.prefix}:active"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}:queue"
+
+
+# Append an event once: KEYS = seen set, events stream, job hash; ARGV = event key, event JSON,
+# max events, progress JSON (or ""), attempt. Events from an older attempt are refused (fencing).
+_EMIT_LUA = """
+local attempt = redis.call('HGET', KEYS[3], 'attempt')
+if not attempt or tonumber(attempt) ~= tonumber(ARGV[5]) then return -1 end
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'event', ARGV[2])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[3], 'progress', ARGV[4]) end
+return 1
+"""
+
+
+class RedisSink:
+    """Worker events into the job's Redis stream, once each, and only for the current attempt."""
+
+    def __init__(self, url: str, job_id: str, attempt: int, prefix: str = "distillery",
+                 max_events: int = 10_000) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
+        self.keys, self.job_id, self.attempt, self.max_events = RedisKeys(prefix), job_id, attempt, max_events
+        self._emit = self.client.register_script(_EMIT_LUA)
+
+    def emit(self, event: dict[str, Any]) -> None:
+        progress = ""
+        if event.get("kind") == "metrics" and event.get("rank", 0) == 0 and "loss" in event:
+            progress = json.dumps({k: event.get(k) for k in ("stage", "step", "loss", "tokens_per_s")})
+        k = self.keys
+        self._emit(keys=[k.seen(self.job_id), k.events(self.job_id), k.job(self.job_id)],
+                   args=[f"{self.attempt}:{event_key(event)}", json.dumps(event, default=str),
+                         self.max_events, progress, self.attempt])
+
+    def close(self) -> None:
+        self.client.close()

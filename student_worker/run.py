@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Run one distillation job on Ray Train.")
     p.add_argument("--spec", required=True, type=Path, help="Job spec, YAML or JSON.")
     p.add_argument("--job-id", required=True, help="Distillery job id: names the Ray Train run.")
+    p.add_argument("--attempt", type=int, default=0,
+                   help="Attempt number given by the scheduler; events of older attempts are refused.")
     p.add_argument("--events", action="append", default=[],
                    help="Event sink (stdout, file:PATH); repeatable. Default: the run dir's events.jsonl.")
     return p.parse_args(argv)
@@ -78,7 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             update={"endpoints": config["teacher_endpoints"], "ray_actor": None})})
     torch.manual_seed(spec.seed)
     job_id = config["job_id"]
-    sink = open_sink(config["events"])
+    sink = open_sink(config["events"], job_id=job_id, attempt=config.get("attempt", 0))
     ray_metrics = RayMetrics(job_id)
     resume = _restore(ray.train.get_checkpoint(), rank)
     sink.emit({"kind": "worker_start", "id": f"worker_start:{rank}:{os.getpid()}:{time.time_ns()}",
@@ -120,7 +122,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- driver
-def run(spec: JobSpec, job_id: str, events: list[str]) -> dict[str, Any]:
+def run(spec: JobSpec, job_id: str, events: list[str], attempt: int = 0) -> dict[str, Any]:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -142,6 +144,7 @@ def run(spec: JobSpec, job_id: str, events: list[str]) -> dict[str, Any]:
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"spec": spec.model_dump_json(), "job_id": job_id, "events": events,
+                               "attempt": attempt,
                                "teacher_endpoints": replicas.endpoints if replicas else []},
             torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
             scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=gpus > 0,
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     spec = JobSpec.from_file(args.spec)
     try:
-        summary = run(spec, args.job_id, args.events)
+        summary = run(spec, args.job_id, args.events, args.attempt)
     except Exception as exc:  # noqa: BLE001 - the job's failure, told in one line
         print(f"job {args.job_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

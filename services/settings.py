@@ -1,0 +1,84 @@
+"""Service settings, read once from the environment (the names deploy files set).
+
+| variable | default | meaning |
+|---|---|---|
+| REDIS_URL | redis://127.0.0.1:6379/0 | job state, queue, events |
+| DISTILLERY_REDIS_PREFIX | distillery | prefix of every Redis key |
+| DISTILLERY_API_HOST | 127.0.0.1 | API bind address; anything but loopback requires API keys |
+| DISTILLERY_API_PORT | 8000 | API port |
+| DISTILLERY_API_KEYS | (none) | comma-separated bearer keys accepted by the API |
+| DISTILLERY_MODEL_ROOTS | (none) | comma-separated directories model paths must resolve inside |
+| DISTILLERY_DATA_ROOTS | (none) | comma-separated directories data paths must resolve inside |
+| DISTILLERY_RUNS_DIR | runs | where each job's run directory (checkpoints, events) is created |
+| DISTILLERY_RAY_ADDRESS | http://127.0.0.1:8265 | Ray dashboard / Jobs API the scheduler submits to |
+| DISTILLERY_MAX_BODY_BYTES | 1000000 | largest request body the API reads |
+| DISTILLERY_LEASE_S | 30 | lease of a running job; a scheduler renews it every third of that |
+| DISTILLERY_SCHEDULER_ID | host-pid | this scheduler's name in leases |
+| DISTILLERY_EVENTS_MAX | 10000 | events kept per job (older ones are trimmed) |
+| DISTILLERY_API_URL | http://127.0.0.1:8000 | where the CLI finds the API |
+| DISTILLERY_API_KEY | (none) | the key the CLI sends |
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Mapping
+
+ENV_NAMES = (
+    "REDIS_URL", "DISTILLERY_REDIS_PREFIX", "DISTILLERY_API_HOST", "DISTILLERY_API_PORT",
+    "DISTILLERY_API_KEYS", "DISTILLERY_MODEL_ROOTS", "DISTILLERY_DATA_ROOTS", "DISTILLERY_RUNS_DIR",
+    "DISTILLERY_RAY_ADDRESS", "DISTILLERY_MAX_BODY_BYTES", "DISTILLERY_LEASE_S",
+    "DISTILLERY_SCHEDULER_ID", "DISTILLERY_EVENTS_MAX", "DISTILLERY_API_URL", "DISTILLERY_API_KEY",
+)
+
+
+def _list(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "distillery"
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    model_roots: tuple[str, ...] = ()
+    data_roots: tuple[str, ...] = ()
+    runs_dir: str = "runs"
+    ray_address: str = "http://127.0.0.1:8265"
+    max_body_bytes: int = 1_000_000
+    lease_s: float = 30.0
+    scheduler_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    events_max: int = 10_000
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        e = os.environ if env is None else env
+        d = cls()
+        return cls(
+            redis_url=e.get("REDIS_URL", d.redis_url),
+            redis_prefix=e.get("DISTILLERY_REDIS_PREFIX", d.redis_prefix),
+            api_host=e.get("DISTILLERY_API_HOST", d.api_host),
+            api_port=int(e.get("DISTILLERY_API_PORT", d.api_port)),
+            api_keys=_list(e.get("DISTILLERY_API_KEYS")),
+            model_roots=_list(e.get("DISTILLERY_MODEL_ROOTS")),
+            data_roots=_list(e.get("DISTILLERY_DATA_ROOTS")),
+            runs_dir=e.get("DISTILLERY_RUNS_DIR", d.runs_dir),
+            ray_address=e.get("DISTILLERY_RAY_ADDRESS", d.ray_address),
+            max_body_bytes=int(e.get("DISTILLERY_MAX_BODY_BYTES", d.max_body_bytes)),
+            lease_s=float(e.get("DISTILLERY_LEASE_S", d.lease_s)),
+            scheduler_id=e.get("DISTILLERY_SCHEDULER_ID") or d.scheduler_id,
+            events_max=int(e.get("DISTILLERY_EVENTS_MAX", d.events_max)),
+            api_url=e.get("DISTILLERY_API_URL", d.api_url),
+            api_key=e.get("DISTILLERY_API_KEY") or None,
+        )
+
+    @property
+    def exposed(self) -> bool:
+        """True when the API listens on anything but loopback (then keys are mandatory)."""
+        return self.api_host not in ("127.0.0.1", "localhost", "::1")

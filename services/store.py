@@ -1,0 +1,334 @@
+"""Redis job store: records, the queue, leases and events, with one Lua script per transition.
+
+States: queued -> starting -> running -> succeeded | failed | cancelled, with cancelling between
+a cancel request and the end. Every transition is one script that checks the current state and
+the attempt number (a fence), so a stale scheduler or worker can never overwrite a newer attempt.
+
+Keys (student_worker.events.RedisKeys): a hash per job, a sorted-set index by creation time, a set
+of active jobs, a stream queue read through a consumer group, a bounded events stream per job, a
+lease per active job (value "owner:attempt", with a TTL the owning scheduler renews).
+
+Attempt numbers: a job is created with attempt 0; each claim makes attempt + 1. A claim needs the
+attempt the queue entry was written for, so two schedulers reading the same entry (or a stale
+entry) cannot both claim it (R-22).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import redis
+
+from student_worker.events import RedisKeys
+
+STATES = ("queued", "starting", "running", "cancelling", "succeeded", "failed", "cancelled")
+ACTIVE = ("starting", "running", "cancelling")
+TERMINAL = ("succeeded", "failed", "cancelled")
+GROUP = "schedulers"
+
+
+class StoreUnavailable(RuntimeError):
+    """Redis did not answer; the API maps this to 503."""
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+class TransitionRefused(RuntimeError):
+    """The job is not in a state (or attempt) that allows this transition."""
+
+
+@dataclass
+class Job:
+    id: str
+    state: str
+    attempt: int
+    spec: dict[str, Any]
+    name: str
+    created_at: float
+    updated_at: float
+    owner: str = ""
+    submission_id: str = ""
+    error: str = ""
+    reason: str = ""
+    failures: int = 0
+    progress: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str = ""
+
+    @classmethod
+    def from_hash(cls, h: dict[bytes, bytes]) -> "Job":
+        g = {k.decode(): v.decode() for k, v in h.items()}
+
+        def obj(key: str) -> dict[str, Any]:
+            try:
+                value = json.loads(g.get(key) or "{}")
+            except ValueError:
+                return {"unreadable": g.get(key, "")[:200]}
+            return value if isinstance(value, dict) else {"value": value}
+
+        return cls(id=g["id"], state=g["state"], attempt=int(g.get("attempt", 0)), spec=obj("spec"),
+                   name=g.get("name", ""), created_at=float(g.get("created_at", 0)),
+                   updated_at=float(g.get("updated_at", 0)), owner=g.get("owner", ""),
+                   submission_id=g.get("submission_id", ""), error=g.get("error", ""),
+                   reason=g.get("reason", ""), failures=int(g.get("failures", 0)),
+                   progress=obj("progress"), summary=obj("summary"), checkpoint=g.get("checkpoint", ""))
+
+
+# KEYS: job, index, queue, idem | ARGV: id, fields JSON, now, idem ttl
+_CREATE = """
+if KEYS[4] ~= '' then
+  local existing = redis.call('GET', KEYS[4])
+  if existing then return existing end
+end
+local fields = cjson.decode(ARGV[2])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+redis.call('XADD', KEYS[3], '*', 'id', ARGV[1], 'attempt', '0')
+if KEYS[4] ~= '' then redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[4]) end
+return ARGV[1]
+"""
+
+# KEYS: job, lease, active | ARGV: expected attempt, owner, lease ms, now
+_CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'queued' then return {0, state or 'missing'} end
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt'))
+if attempt ~= tonumber(ARGV[1]) then return {0, 'attempt'} end
+attempt = attempt + 1
+redis.call('HSET', KEYS[1], 'state', 'starting', 'attempt', attempt, 'owner', ARGV[2], 'updated_at', ARGV[4])
+redis.call('SET', KEYS[2], ARGV[2] .. ':' .. attempt, 'PX', ARGV[3])
+redis.call('SADD', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
+return {1, attempt}
+"""
+
+# KEYS: job, lease, active, events | ARGV: allowed states JSON, attempt ('' = any), new state,
+#   fields JSON, now, owner ('' = unchecked), max events
+_TRANSITION = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {0, 'missing'} end
+local allowed = cjson.decode(ARGV[1])
+local ok = false
+for _, s in ipairs(allowed) do if s == state then ok = true end end
+if not ok then return {0, 'state:' .. state} end
+local attempt = redis.call('HGET', KEYS[1], 'attempt')
+if ARGV[2] ~= '' and tonumber(attempt) ~= tonumber(ARGV[2]) then return {0, 'attempt:' .. attempt} end
+if ARGV[6] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[6] then return {0, 'owner'} end
+local fields = cjson.decode(ARGV[4])
+for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
+redis.call('HSET', KEYS[1], 'state', ARGV[3], 'updated_at', ARGV[5])
+if ARGV[3] == 'succeeded' or ARGV[3] == 'failed' or ARGV[3] == 'cancelled' or ARGV[3] == 'queued' then
+  redis.call('SREM', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
+  redis.call('DEL', KEYS[2])
+end
+local ev = cjson.encode({kind='state', state=ARGV[3], previous=state, attempt=tonumber(attempt), time=tonumber(ARGV[5])})
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'event', ev)
+return {1, state}
+"""
+
+# KEYS: lease | ARGV: owner:attempt, lease ms
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: job, lease, active, queue, events | ARGV: now, max events
+# A job whose lease is gone: back to the queue (same attempt; the next claim increments it), or
+# cancelled if it was being cancelled.
+_RECLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+local id = redis.call('HGET', KEYS[1], 'id')
+if not state then return 0 end
+if state ~= 'starting' and state ~= 'running' and state ~= 'cancelling' then
+  redis.call('SREM', KEYS[3], id)
+  return 0
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local attempt = redis.call('HGET', KEYS[1], 'attempt')
+local new = 'queued'
+if state == 'cancelling' then new = 'cancelled' end
+redis.call('HSET', KEYS[1], 'state', new, 'owner', '', 'updated_at', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'failures', 1)
+redis.call('SREM', KEYS[3], id)
+if new == 'queued' then redis.call('XADD', KEYS[4], '*', 'id', id, 'attempt', attempt) end
+local ev = cjson.encode({kind='state', state=new, previous=state, attempt=tonumber(attempt), reason='lease_lapsed', time=tonumber(ARGV[1])})
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[2], '*', 'event', ev)
+return 1
+"""
+
+
+class JobStore:
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "distillery",
+                 max_events: int = 10_000, client: redis.Redis | None = None) -> None:
+        self.r = client or redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        self.k = RedisKeys(prefix)
+        self.max_events = max_events
+        self._create = self.r.register_script(_CREATE)
+        self._claim = self.r.register_script(_CLAIM)
+        self._transition = self.r.register_script(_TRANSITION)
+        self._renew = self.r.register_script(_RENEW)
+        self._reclaim = self.r.register_script(_RECLAIM)
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from None
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.r.ping())
+        except (redis.ConnectionError, redis.TimeoutError):
+            return False
+
+    # ------------------------------------------------------------------ records
+    def create(self, spec: dict[str, Any], *, name: str, idempotency_key: str | None = None) -> tuple[str, bool]:
+        """Store a validated spec as a queued job; returns (job id, created). An idempotency key
+        seen in the last 24 h returns the job it created instead of a new one."""
+        job_id = f"{name[:40]}-{uuid.uuid4().hex[:12]}"
+        now = time.time()
+        fields = {"id": job_id, "state": "queued", "attempt": 0, "name": name, "spec": json.dumps(spec),
+                  "created_at": now, "updated_at": now, "failures": 0}
+        idem = self.k.idempotency(idempotency_key) if idempotency_key else ""
+        got = self._call(self._create, keys=[self.k.job(job_id), self.k.index, self.k.queue, idem],
+                         args=[job_id, json.dumps(fields), now, 24 * 3600]).decode()
+        return got, got == job_id
+
+    def get(self, job_id: str) -> Job:
+        h = self._call(self.r.hgetall, self.k.job(job_id))
+        if not h:
+            raise JobNotFound(job_id)
+        return Job.from_hash(h)
+
+    def list(self, *, state: str | None = None, offset: int = 0, limit: int = 50) -> list[Job]:
+        """Newest first. With a state filter the index is walked until `limit` matches."""
+        out: list[Job] = []
+        start, page = 0, 200
+        skipped = 0
+        while len(out) < limit:
+            ids = self._call(self.r.zrevrange, self.k.index, start, start + page - 1)
+            if not ids:
+                break
+            pipe = self.r.pipeline()
+            for i in ids:
+                pipe.hgetall(self.k.job(i.decode()))
+            for h in self._call(pipe.execute):
+                if not h:
+                    continue
+                job = Job.from_hash(h)
+                if state and job.state != state:
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                out.append(job)
+                if len(out) >= limit:
+                    break
+            start += page
+        return out
+
+    # ------------------------------------------------------------------ scheduler side
+    def ensure_group(self) -> None:
+        try:
+            self._call(self.r.xgroup_create, self.k.queue, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def claim_next(self, owner: str, lease_s: float, block_ms: int = 1000) -> list[tuple[Job, int]]:
+        """Read queue entries as `owner` and claim the jobs they name; (job, attempt) per claim.
+        Entries that no longer match their job (claimed, cancelled, stale) are acknowledged."""
+        self.ensure_group()
+        got = self._call(self.r.xreadgroup, GROUP, owner, {self.k.queue: ">"}, count=10, block=block_ms)
+        claimed = []
+        for _, entries in got or []:
+            for entry_id, fields in entries:
+                job_id, attempt = fields[b"id"].decode(), int(fields[b"attempt"])
+                ok, value = self._call(self._claim, keys=[self.k.job(job_id), self.k.lease(job_id), self.k.active],
+                                       args=[attempt, owner, int(lease_s * 1000), time.time()])
+                self._call(self.r.xack, self.k.queue, GROUP, entry_id)
+                self._call(self.r.xdel, self.k.queue, entry_id)
+                if ok:
+                    claimed.append((self.get(job_id), int(value)))
+        return claimed
+
+    def renew_lease(self, job_id: str, owner: str, attempt: int, lease_s: float) -> bool:
+        return bool(self._call(self._renew, keys=[self.k.lease(job_id)],
+                               args=[f"{owner}:{attempt}", int(lease_s * 1000)]))
+
+    def transition(self, job_id: str, *, allowed: tuple[str, ...], to: str, attempt: int | None = None,
+                   owner: str | None = None, **fields: Any) -> str:
+        """Move `job_id` to `to` if its state is in `allowed` (and attempt / owner match when
+        given); returns the previous state or raises TransitionRefused."""
+        encoded = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
+        ok, value = self._call(self._transition,
+                               keys=[self.k.job(job_id), self.k.lease(job_id), self.k.active, self.k.events(job_id)],
+                               args=[json.dumps(list(allowed)), "" if attempt is None else attempt, to,
+                                     json.dumps(encoded), time.time(), owner or "", self.max_events])
+        if not ok:
+            if value == b"missing":
+                raise JobNotFound(job_id)
+            raise TransitionRefused(f"job {job_id}: cannot go to {to} ({value.decode()})")
+        return value.decode()
+
+    def request_cancel(self, job_id: str) -> str:
+        """queued -> cancelled at once; starting/running -> cancelling (the scheduler finishes it).
+        Returns the new state; a job already ended is left as it is."""
+        job = self.get(job_id)
+        if job.state == "queued":
+            try:
+                self.transition(job_id, allowed=("queued",), to="cancelled", reason="cancelled_by_user")
+                return "cancelled"
+            except TransitionRefused:
+                job = self.get(job_id)
+        if job.state in ("starting", "running"):
+            try:
+                self.transition(job_id, allowed=("starting", "running"), to="cancelling")
+                return "cancelling"
+            except TransitionRefused:
+                pass
+        return self.get(job_id).state
+
+    def active_ids(self) -> list[str]:
+        return [i.decode() for i in self._call(self.r.smembers, self.k.active)]
+
+    def reclaim_expired(self) -> list[str]:
+        """Requeue (or finish cancelling) every active job whose lease has lapsed."""
+        done = []
+        for job_id in self.active_ids():
+            if self._call(self._reclaim, keys=[self.k.job(job_id), self.k.lease(job_id), self.k.active,
+                                              self.k.queue, self.k.events(job_id)],
+                          args=[time.time(), self.max_events]):
+                done.append(job_id)
+        return done
+
+    # ------------------------------------------------------------------ events
+    def events(self, job_id: str, after: str = "0", block_ms: int | None = None,
+               count: int = 500) -> list[tuple[str, dict[str, Any]]]:
+        """Events after stream id `after` ("0" = from the start); waits up to block_ms if none."""
+        got = self._call(self.r.xread, {self.k.events(job_id): after}, count=count, block=block_ms)
+        out = []
+        for _, entries in got or []:
+            for entry_id, fields in entries:
+                try:
+                    out.append((entry_id.decode(), json.loads(fields[b"event"])))
+                except (KeyError, ValueError):
+                    continue
+        return out
+
+    def iter_events(self, job_id: str, after: str = "0", block_ms: int = 1000) -> Iterator[tuple[str, dict]]:
+        while True:
+            batch = self.events(job_id, after, block_ms)
+            for entry_id, ev in batch:
+                after = entry_id
+                yield entry_id, ev
+            if not batch:
+                yield "", {}
