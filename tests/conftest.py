@@ -31,3 +31,11 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny_model(request, tiny_llama, tiny_qwen2) -> Path:
     return tiny_llama if request.param == "llama" else tiny_qwen2
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory) -> Path:
+    from teacher_server.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny-student"), family="llama", hidden=32, layers=1,
+                       heads=2, seed=7)

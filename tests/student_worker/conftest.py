@@ -12,14 +12,6 @@ from student_worker.data import arithmetic_rows
 
 
 @pytest.fixture(scope="session")
-def tiny_student(tmp_path_factory) -> Path:
-    from teacher_server.tiny import build_model
-
-    return build_model(tmp_path_factory.mktemp("tiny-student"), family="llama", hidden=32, layers=1,
-                       heads=2, seed=7)
-
-
-@pytest.fixture(scope="session")
 def arith_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(80, seed=0)))

@@ -1,0 +1,135 @@
+"""The one-machine stack end to end: `distillery up`, submit over REST, follow, cancel, `down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from services.local import free_port, read_state
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process whose ancestry includes `pid` (from /proc)."""
+    parents: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(d.name)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, frontier = set(), {pid}
+    while frontier:
+        kids = {c for c, p in parents.items() if p in frontier} - out
+        out |= kids
+        frontier = kids
+    return out
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("stack")
+    env = {**os.environ, "DISTILLERY_MODEL_ROOTS": str(tiny_llama.parent.parent),
+           "DISTILLERY_DATA_ROOTS": str(root), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "PYTHONUNBUFFERED": "1"}
+    env.pop("REDIS_URL", None)  # the embedded Redis, as on a machine without one
+    state_dir = root / "state"
+    api_port, dash_port = free_port(), free_port()
+    up = cli("up", "--state-dir", str(state_dir), "--api-port", str(api_port), "--dashboard-port",
+             str(dash_port), "--runs-dir", str(root / "runs"), env=env)
+    assert up.returncode == 0, up.stderr + up.stdout
+    state = read_state(state_dir)
+    env["DISTILLERY_API_URL"] = state.api_url
+    yield root, state_dir, state, env
+    down = cli("down", "--state-dir", str(state_dir), env=env)
+    assert down.returncode == 0, down.stderr
+
+
+def job_spec(root: Path, teacher: Path, student: Path, steps: int) -> Path:
+    data = root / "train.jsonl"
+    from student_worker.data import arithmetic_rows
+
+    data.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(64)))
+    spec = {
+        "name": "e2e", "student": {"model": str(student)}, "teacher": {"local_model": str(teacher)},
+        "data": {"path": str(data), "eval_fraction": 0.1, "max_prompt_tokens": 16, "max_response_tokens": 8},
+        "distill": {"loss": "akl", "steps": steps, "batch_size": 4, "top_k": 8, "max_new_tokens": 6},
+        "checkpoint": {"every_steps": 2},
+        "eval": {"enabled": True, "max_samples": 4, "max_new_tokens": 6},
+        "resources": {"workers": 1},
+    }
+    path = root / f"job-{steps}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_up_prints_where_everything_listens_and_the_api_is_ready(stack):
+    _, _, state, _ = stack
+    assert state.embedded_redis
+    r = httpx.get(f"{state.api_url}/readyz", timeout=10)
+    assert r.status_code == 200, r.text
+    assert httpx.get(state.ray_dashboard, timeout=10).status_code == 200
+
+
+def test_submit_follow_succeeds_with_events_and_eval(stack, tiny_llama, tiny_student):
+    root, _, state, env = stack
+    spec = job_spec(root, tiny_llama, tiny_student, steps=3)
+    result = cli("submit", str(spec), "--follow", env=env, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout
+    job_id = result.stdout.split()[0]
+    job = json.loads(cli("status", job_id, env=env).stdout)
+    assert job["state"] == "succeeded"
+    assert set(job["summary"]["eval"]) == {"student", "teacher"}
+    logs = cli("logs", job_id, env=env).stdout.splitlines()
+    kinds = [json.loads(line).get("kind") for line in logs if line.strip()]
+    assert "metrics" in kinds and "state" in kinds
+
+
+def test_cancel_a_running_job(stack, tiny_llama, tiny_student):
+    root, _, state, env = stack
+    spec = job_spec(root, tiny_llama, tiny_student, steps=500)
+    job_id = cli("submit", str(spec), env=env).stdout.split()[0]
+    deadline = time.monotonic() + 240
+    while json.loads(cli("status", job_id, env=env).stdout)["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    assert cli("cancel", job_id, env=env).returncode == 0
+    while json.loads(cli("status", job_id, env=env).stdout)["state"] != "cancelled":
+        assert time.monotonic() < deadline, "job was not cancelled"
+        time.sleep(1)
+
+
+def test_down_stops_everything_up_started(tmp_path):
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("REDIS_URL", None)
+    state_dir = tmp_path / "state"
+    up = cli("up", "--state-dir", str(state_dir), "--api-port", str(free_port()), "--dashboard-port",
+             str(free_port()), "--runs-dir", str(tmp_path / "runs"), env=env)
+    assert up.returncode == 0, up.stderr
+    state = read_state(state_dir)
+    started = descendants(state.supervisor_pid) | {state.supervisor_pid}
+    assert set(state.children.values()) <= started
+    assert cli("down", "--state-dir", str(state_dir), env=env).returncode == 0
+    deadline = time.monotonic() + 30
+    alive = started
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in started if Path(f"/proc/{p}").exists()
+                 and "zombie" not in Path(f"/proc/{p}/status").read_text().lower()}
+        time.sleep(0.5)
+    assert not alive, f"still running after down: {alive}"
+    assert read_state(state_dir) is None
