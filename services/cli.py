@@ -112,7 +112,10 @@ def api(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     s = _settings()
-    serve(s, host or s.api_host, port or s.api_port)
+    try:
+        serve(s, host or s.api_host, port or s.api_port)
+    except ValueError as exc:  # e.g. exposed without DISTILLERY_API_KEYS
+        _fail(exc)
 
 
 @app.command("scheduler")
