@@ -188,7 +188,7 @@ def test_services_share_one_image_built_from_the_ray_image(compose):
             assert (COMPOSE_FILE.parent / service["build"]["context"] / service["build"]["dockerfile"]).exists()
 
 
-def test_raw_yaml_keeps_secrets_out(env):
+def test_env_example_marks_its_placeholders(env):
     """The placeholders of .env.example are marked as such, and the real file is ignored by git."""
     text = ENV_EXAMPLE.read_text()
     for name in ("DISTILLERY_API_KEYS", "DISTILLERY_TEACHER_TOKEN"):
