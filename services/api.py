@@ -33,381 +33,47 @@ import dataclasses
 import hmac
 import json
 import logging
-import math
-import os
 import re
 import time
-import urllib.request
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Literal
-from urllib.parse import unquote
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import anyio
-import redis
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
-from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from services.settings import Settings
-from services.store import STATES, TERMINAL, Job, JobNotFound, JobStore, StoreUnavailable, TransitionRefused
+from services.store import JobNotFound, JobStore, StoreUnavailable, TransitionRefused
 from student_worker.config import JobSpec
 
+from services.protocol import (
+    ApiError,
+    CancelResult,
+    error_response,
+    ERROR_RESPONSES,
+    ErrorBody,
+    EVENT_ID,
+    Health,
+    IDEMPOTENCY_KEY,
+    InsecureConfig,
+    JobId,
+    JobList,
+    JobRecord,
+    Readiness,
+    State,
+    TooLarge,
+    Unauthorized,
+)
+from services.jobs import JobService, http_ray_ping
+
 log = logging.getLogger(__name__)
-
-JOB_ID = r"^[A-Za-z0-9._-]{1,80}$"
-EVENT_ID = r"^[0-9]{1,20}(-[0-9]{1,20})?$"
-IDEMPOTENCY_KEY = r"^[A-Za-z0-9._:-]{1,128}$"
-TOKEN_ENV = re.compile(r"^DISTILLERY_TEACHER_TOKEN[A-Z0-9_]{0,64}$")
-MAX_PATH_BYTES = 4096
-JobId = Annotated[str, PathParam(pattern=JOB_ID, description="Job id as returned by POST /v1/jobs.")]
-State = Literal["queued", "starting", "running", "cancelling", "succeeded", "failed", "cancelled"]
-
-
-# ---------------------------------------------------------------------------------- protocol
-class ErrorItem(BaseModel):
-    loc: list[str | int] = Field(description="Where in the request the problem is.")
-    msg: str
-    type: str
-
-
-class ErrorBody(BaseModel):
-    error: str = Field(description="Machine-readable code: unauthorized, not_found, invalid_spec, ...")
-    detail: str = Field(description="What went wrong, for a person. Never holds job data.")
-    errors: list[ErrorItem] | None = Field(None, description="Validation problems, one per field (422).")
-
-
-class JobRecord(BaseModel):
-    id: str
-    state: State
-    attempt: int = Field(description="Claims so far; each scheduler claim adds one.")
-    spec: dict[str, Any] = Field(description="The JobSpec as accepted: defaults filled, paths resolved.")
-    name: str
-    created_at: float = Field(description="Unix time, seconds.")
-    updated_at: float = Field(description="Unix time, seconds.")
-    owner: str = Field(description="Scheduler holding the job's lease, if any.")
-    submission_id: str = Field(description="Ray Job submission id once submitted.")
-    error: str
-    reason: str
-    failures: int = Field(description="Attempts that ended without finishing (lease lapsed, worker lost).")
-    progress: dict[str, Any] = Field(description="Latest stage, step, loss and tokens/s.")
-    summary: dict[str, Any] = Field(description="Final metrics and eval once the job ends.")
-    checkpoint: str = Field(description="Latest checkpoint path.")
-
-    @classmethod
-    def of(cls, job: Job) -> "JobRecord":
-        return cls(**dataclasses.asdict(job))
-
-
-class JobList(BaseModel):
-    jobs: list[JobRecord] = Field(description="Newest first.")
-    offset: int
-    limit: int
-    next_offset: int | None = Field(description="Offset of the next page; null on the last page.")
-
-
-class CancelResult(BaseModel):
-    id: str
-    state: State = Field(description="cancelled (was queued), cancelling (the scheduler stops it) or cancelled.")
-
-
-class Health(BaseModel):
-    status: Literal["ok"] = "ok"
-
-
-class Readiness(BaseModel):
-    status: Literal["ready", "not_ready"]
-    redis: bool
-    ray: bool
-
-
-# ---------------------------------------------------------------------------------- errors
-class ApiError(Exception):
-    status = 400
-    code = "bad_request"
-
-    def __init__(self, detail: str, errors: list[dict[str, Any]] | None = None) -> None:
-        super().__init__(detail)
-        self.errors = errors
-
-
-class Unauthorized(ApiError):
-    status, code = 401, "unauthorized"
-
-
-class PathRefused(ApiError):
-    status, code = 400, "path_refused"
-
-
-class UnsafeSpec(ApiError):
-    status, code = 400, "unsafe_spec"
-
-
-class AlreadyEnded(ApiError):
-    status, code = 409, "conflict"
-
-
-class TooLarge(ApiError):
-    status, code = 413, "too_large"
-
-
-class InvalidSpec(ApiError):
-    status, code = 422, "invalid_spec"
-
-
-class InsecureConfig(ValueError):
-    """serve() refuses to expose the API without keys."""
-
-
-def _clean_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"loc": [p if isinstance(p, (str, int)) else str(p) for p in e.get("loc", ())],
-             "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errors]
-
-
-def error_response(exc: Exception) -> JSONResponse:
-    """The one place where an error becomes an HTTP status (STYLE 7). Bodies carry a code and a
-    fixed or request-derived message, never another job's data."""
-    headers: dict[str, str] = {}
-    errors = None
-    if isinstance(exc, ApiError):
-        status, code, detail, errors = exc.status, exc.code, str(exc), exc.errors
-    elif isinstance(exc, RequestValidationError):
-        status, code, detail = 422, "invalid_request", "request parameters or headers are invalid"
-        errors = _clean_errors(list(exc.errors()))
-    elif isinstance(exc, JobNotFound):
-        status, code, detail = 404, "not_found", "no such job"
-    elif isinstance(exc, TransitionRefused):
-        status, code, detail = 409, "conflict", "the job's state does not allow this"
-    elif isinstance(exc, StoreUnavailable):
-        log.warning("job store unavailable: %s", exc)
-        status, code, detail = 503, "store_unavailable", "the job store (Redis) is unavailable; retry later"
-        headers["Retry-After"] = "2"
-    elif isinstance(exc, StarletteHTTPException):
-        status, code, detail = exc.status_code, "http_error", str(exc.detail)
-        headers.update(exc.headers or {})
-    else:
-        log.error("unhandled error", exc_info=exc)
-        status, code, detail = 500, "internal", "internal error"
-    if status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    if status == 413:  # the rest of the body is never read, so the connection cannot be reused
-        headers["Connection"] = "close"
-    body = ErrorBody(error=code, detail=detail, errors=errors).model_dump(exclude_none=True)
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorBody, "description": "Missing or wrong bearer key."},
-    422: {"model": ErrorBody, "description": "The request does not validate."},
-    503: {"model": ErrorBody, "description": "Redis is unavailable."},
-}
-
-
-# ---------------------------------------------------------------------------------- spec checks
-def _reject_constant(name: str) -> None:
-    raise InvalidSpec(f"{name} is not allowed in a job spec")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise InvalidSpec(f"number {text[:40]} is out of range")
-    return value
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise InvalidSpec(f"duplicate key {k[:64]!r}")
-        out[k] = v
-    return out
-
-
-def parse_json(raw: bytes) -> dict[str, Any]:
-    """Strict JSON: UTF-8, no NaN/Infinity, finite numbers, no duplicate keys, an object."""
-    try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite,
-                          object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # huge ints raise ValueError
-        raise InvalidSpec(f"body is not valid JSON: {str(exc)[:200]}") from None
-    if not isinstance(data, dict):
-        raise InvalidSpec(f"a job spec is a JSON object, got {type(data).__name__}")
-    return data
-
-
-def refuse_trust_remote_code(data: Any) -> None:
-    """R-34: the operator sets trust_remote_code on the teacher server, never a request."""
-    stack: list[tuple[str, Any]] = [("", data)]
-    while stack:
-        where, node = stack.pop()
-        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
-        for k, v in items:
-            here = f"{where}.{k}" if where else str(k)
-            if isinstance(k, str) and k.lower().replace("-", "_") == "trust_remote_code":
-                raise UnsafeSpec(f"trust_remote_code cannot come from a request (found at {here[:200]}); "
-                                 "remote code is an operator's decision on the teacher server")
-            stack.append((here, v))
-
-
-class PathPolicy:
-    """Paths of one kind must resolve inside the configured roots (R-33). A path that is outside
-    by its text is refused without a look at the filesystem; one inside by its text is resolved
-    with os.path.realpath, whose lstat/readlink calls are the only filesystem access (nothing is
-    opened, stat-ed or listed; Path.resolve would stat the result)."""
-
-    def __init__(self, roots: tuple[str, ...], env: str, what: str) -> None:
-        self.roots = tuple(Path(os.path.realpath(r)) for r in roots)
-        self.env, self.what = env, what
-
-    def resolve(self, field: str, raw: str) -> str:
-        if not self.roots:
-            raise PathRefused(f"{field}: no {self.what} roots are configured; the operator sets {self.env} "
-                              f"(comma-separated directories) before {self.what} paths are accepted")
-        if not raw.strip() or "\x00" in raw or len(raw.encode("utf-8", "replace")) > MAX_PATH_BYTES:
-            raise PathRefused(f"{field}: not a usable path")
-        forms = [raw]
-        while (decoded := unquote(forms[-1])) != forms[-1]:
-            if len(forms) > 4:
-                raise PathRefused(f"{field}: too many levels of URL encoding")
-            forms.append(decoded)
-        return str([self._resolve(field, raw, f) for f in forms][0])
-
-    def _inside(self, path: Path) -> bool:
-        return any(path.is_relative_to(root) for root in self.roots)
-
-    def _resolve(self, field: str, raw: str, form: str) -> Path:
-        joined = os.path.join(self.roots[0], form)  # relative to the first root; absolute stays
-        if self._inside(Path(os.path.normpath(joined))):
-            try:
-                real = Path(os.path.realpath(joined))
-            except (OSError, ValueError):
-                raise PathRefused(f"{field}: the path cannot be resolved") from None
-            if self._inside(real):
-                return real
-        shown = ", ".join(map(str, self.roots))
-        raise PathRefused(f"{field} {raw[:200]!r} resolves outside the {self.what} roots ({shown})")
-
-
-# ---------------------------------------------------------------------------------- service
-class JobService:
-    """Validates and orchestrates; returns typed results or raises the errors above."""
-
-    def __init__(self, settings: Settings, store: JobStore, ray_ping: Callable[[], bool],
-                 block_ms: int = 1000) -> None:
-        self.store, self.ray_ping, self.block_ms = store, ray_ping, block_ms
-        self.models = PathPolicy(settings.model_roots, "DISTILLERY_MODEL_ROOTS", "model")
-        self.data = PathPolicy(settings.data_roots, "DISTILLERY_DATA_ROOTS", "data")
-        self.runs = PathPolicy((settings.runs_dir,), "DISTILLERY_RUNS_DIR", "run")
-
-    def accept(self, raw: bytes) -> JobSpec:
-        """Body bytes -> a JobSpec whose paths passed the policy (resolved, absolute)."""
-        data = parse_json(raw)
-        refuse_trust_remote_code(data)
-        try:
-            spec = JobSpec.model_validate_json(raw, strict=True)
-        except ValidationError as exc:
-            errors = exc.errors(include_url=False, include_context=False, include_input=False)
-            raise InvalidSpec("the job spec does not validate", _clean_errors(list(errors))) from None
-        s, t, d, res = spec.student, spec.teacher, spec.data, spec.resources
-        s.model = self.models.resolve("student.model", s.model)
-        if t.local_model is not None:
-            t.local_model = self.models.resolve("teacher.local_model", t.local_model)
-        if t.ray_actor is not None:
-            t.ray_actor.model = self.models.resolve("teacher.ray_actor.model", t.ray_actor.model)
-        d.path = self.data.resolve("data.path", d.path)
-        if d.eval_path is not None:
-            d.eval_path = self.data.resolve("data.eval_path", d.eval_path)
-        spec.checkpoint.dir = self.runs.resolve("checkpoint.dir", spec.checkpoint.dir)
-        if res.storage_path is not None:
-            if "://" in res.storage_path:
-                raise PathRefused("resources.storage_path: storage URIs cannot come from a request")
-            res.storage_path = self.runs.resolve("resources.storage_path", res.storage_path)
-        if t.token_env is not None and not TOKEN_ENV.match(t.token_env):
-            raise UnsafeSpec("teacher.token_env must name a variable starting with DISTILLERY_TEACHER_TOKEN "
-                             "(its value is sent to the teacher endpoints)")
-        return spec
-
-    def submit(self, raw: bytes, idempotency_key: str | None) -> tuple[Job, bool]:
-        doc = self.accept(raw).model_dump(mode="json")
-        job_id, created = self.store.create(doc, name=doc["name"], idempotency_key=idempotency_key)
-        job = self.store.get(job_id)
-        if not created and job.spec != doc:
-            raise InvalidSpec("this Idempotency-Key was used for a different job spec")
-        return job, created
-
-    def get(self, job_id: str) -> Job:
-        return self.store.get(job_id)
-
-    def list(self, state: str | None, offset: int, limit: int) -> list[Job]:
-        return self.store.list(state=state, offset=offset, limit=limit)
-
-    def cancel(self, job_id: str) -> str:
-        state = self.store.request_cancel(job_id)
-        if state in ("succeeded", "failed"):
-            raise AlreadyEnded(f"the job already ended: {state}")
-        return state
-
-    def poll_events(self, job_id: str, after: str, follow: bool = True
-                    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
-        """Events after `after` (waiting up to block_ms when following a live job), and the state
-        to end on once the stream is drained. The state is read first: a terminal state's own event
-        is written with it, so an empty read after it means nothing is left."""
-        state = self.store.get(job_id).state
-        stop = state in TERMINAL or not follow
-        batch = self.store.events(job_id, after, block_ms=None if stop else self.block_ms)
-        return batch, state if stop and not batch else None
-
-    def readiness(self) -> Readiness:
-        redis_ok = self.store.ping()
-        try:
-            ray_ok = bool(self.ray_ping())
-        except Exception:  # a probe that raises is a probe that failed
-            ray_ok = False
-        return Readiness(status="ready" if redis_ok and ray_ok else "not_ready", redis=redis_ok, ray=ray_ok)
-
-    def count_by_state(self, cap: int = 100_000) -> dict[str, int]:
-        # Uses the store's client and key layout (HGET state per job, pipelined) instead of
-        # store.list, which would fetch every spec on each scrape. Belongs in JobStore eventually.
-        r, keys, counts, page = self.store.r, self.store.k, dict.fromkeys(STATES, 0), 1000
-        try:
-            for start in range(0, cap, page):
-                ids = r.zrange(keys.index, start, start + page - 1)
-                if not ids:
-                    break
-                pipe = r.pipeline(transaction=False)
-                for i in ids:
-                    pipe.hget(keys.job(i.decode()), "state")
-                for state in pipe.execute():
-                    if state is not None and state.decode() in counts:
-                        counts[state.decode()] += 1
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(str(exc)) from None
-        return counts
-
-
-def http_ray_ping(address: str, timeout_s: float = 2.0) -> Callable[[], bool]:
-    """Ray is reachable when its dashboard (the Jobs API the scheduler uses) answers."""
-    url = address.rstrip("/") + "/api/version"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def ping() -> bool:
-        try:
-            with opener.open(url, timeout=timeout_s) as resp:
-                return resp.status == 200
-        except (OSError, ValueError):
-            return False
-
-    return ping
-
 
 # ---------------------------------------------------------------------------------- middleware
 def _header(scope: dict[str, Any], name: bytes) -> bytes | None:

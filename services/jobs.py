@@ -1,0 +1,230 @@
+"""The job service layer: parse and check a submitted spec (strict JSON, no trust_remote_code,
+paths inside the configured roots), then create, read and cancel jobs through the store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import unquote
+
+import redis
+from pydantic import ValidationError
+
+from services.settings import Settings
+from services.store import STATES, TERMINAL, Job, JobStore, StoreUnavailable
+from student_worker.config import JobSpec
+
+from services.protocol import (
+    _clean_errors,
+    AlreadyEnded,
+    InvalidSpec,
+    MAX_PATH_BYTES,
+    PathRefused,
+    Readiness,
+    TOKEN_ENV,
+    UnsafeSpec,
+)
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------- spec checks
+def _reject_constant(name: str) -> None:
+    raise InvalidSpec(f"{name} is not allowed in a job spec")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidSpec(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise InvalidSpec(f"duplicate key {k[:64]!r}")
+        out[k] = v
+    return out
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """Strict JSON: UTF-8, no NaN/Infinity, finite numbers, no duplicate keys, an object."""
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite,
+                          object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # huge ints raise ValueError
+        raise InvalidSpec(f"body is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise InvalidSpec(f"a job spec is a JSON object, got {type(data).__name__}")
+    return data
+
+
+def refuse_trust_remote_code(data: Any) -> None:
+    """R-34: the operator sets trust_remote_code on the teacher server, never a request."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        where, node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            here = f"{where}.{k}" if where else str(k)
+            if isinstance(k, str) and k.lower().replace("-", "_") == "trust_remote_code":
+                raise UnsafeSpec(f"trust_remote_code cannot come from a request (found at {here[:200]}); "
+                                 "remote code is an operator's decision on the teacher server")
+            stack.append((here, v))
+
+
+class PathPolicy:
+    """Paths of one kind must resolve inside the configured roots (R-33). A path that is outside
+    by its text is refused without a look at the filesystem; one inside by its text is resolved
+    with os.path.realpath, whose lstat/readlink calls are the only filesystem access (nothing is
+    opened, stat-ed or listed; Path.resolve would stat the result)."""
+
+    def __init__(self, roots: tuple[str, ...], env: str, what: str) -> None:
+        self.roots = tuple(Path(os.path.realpath(r)) for r in roots)
+        self.env, self.what = env, what
+
+    def resolve(self, field: str, raw: str) -> str:
+        if not self.roots:
+            raise PathRefused(f"{field}: no {self.what} roots are configured; the operator sets {self.env} "
+                              f"(comma-separated directories) before {self.what} paths are accepted")
+        if not raw.strip() or "\x00" in raw or len(raw.encode("utf-8", "replace")) > MAX_PATH_BYTES:
+            raise PathRefused(f"{field}: not a usable path")
+        forms = [raw]
+        while (decoded := unquote(forms[-1])) != forms[-1]:
+            if len(forms) > 4:
+                raise PathRefused(f"{field}: too many levels of URL encoding")
+            forms.append(decoded)
+        return str([self._resolve(field, raw, f) for f in forms][0])
+
+    def _inside(self, path: Path) -> bool:
+        return any(path.is_relative_to(root) for root in self.roots)
+
+    def _resolve(self, field: str, raw: str, form: str) -> Path:
+        joined = os.path.join(self.roots[0], form)  # relative to the first root; absolute stays
+        if self._inside(Path(os.path.normpath(joined))):
+            try:
+                real = Path(os.path.realpath(joined))
+            except (OSError, ValueError):
+                raise PathRefused(f"{field}: the path cannot be resolved") from None
+            if self._inside(real):
+                return real
+        shown = ", ".join(map(str, self.roots))
+        raise PathRefused(f"{field} {raw[:200]!r} resolves outside the {self.what} roots ({shown})")
+
+
+# ---------------------------------------------------------------------------------- service
+class JobService:
+    """Validates and orchestrates; returns typed results or raises the errors above."""
+
+    def __init__(self, settings: Settings, store: JobStore, ray_ping: Callable[[], bool],
+                 block_ms: int = 1000) -> None:
+        self.store, self.ray_ping, self.block_ms = store, ray_ping, block_ms
+        self.models = PathPolicy(settings.model_roots, "DISTILLERY_MODEL_ROOTS", "model")
+        self.data = PathPolicy(settings.data_roots, "DISTILLERY_DATA_ROOTS", "data")
+        self.runs = PathPolicy((settings.runs_dir,), "DISTILLERY_RUNS_DIR", "run")
+
+    def accept(self, raw: bytes) -> JobSpec:
+        """Body bytes -> a JobSpec whose paths passed the policy (resolved, absolute)."""
+        data = parse_json(raw)
+        refuse_trust_remote_code(data)
+        try:
+            spec = JobSpec.model_validate_json(raw, strict=True)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False, include_context=False, include_input=False)
+            raise InvalidSpec("the job spec does not validate", _clean_errors(list(errors))) from None
+        s, t, d, res = spec.student, spec.teacher, spec.data, spec.resources
+        s.model = self.models.resolve("student.model", s.model)
+        if t.local_model is not None:
+            t.local_model = self.models.resolve("teacher.local_model", t.local_model)
+        if t.ray_actor is not None:
+            t.ray_actor.model = self.models.resolve("teacher.ray_actor.model", t.ray_actor.model)
+        d.path = self.data.resolve("data.path", d.path)
+        if d.eval_path is not None:
+            d.eval_path = self.data.resolve("data.eval_path", d.eval_path)
+        spec.checkpoint.dir = self.runs.resolve("checkpoint.dir", spec.checkpoint.dir)
+        if res.storage_path is not None:
+            if "://" in res.storage_path:
+                raise PathRefused("resources.storage_path: storage URIs cannot come from a request")
+            res.storage_path = self.runs.resolve("resources.storage_path", res.storage_path)
+        if t.token_env is not None and not TOKEN_ENV.match(t.token_env):
+            raise UnsafeSpec("teacher.token_env must name a variable starting with DISTILLERY_TEACHER_TOKEN "
+                             "(its value is sent to the teacher endpoints)")
+        return spec
+
+    def submit(self, raw: bytes, idempotency_key: str | None) -> tuple[Job, bool]:
+        doc = self.accept(raw).model_dump(mode="json")
+        job_id, created = self.store.create(doc, name=doc["name"], idempotency_key=idempotency_key)
+        job = self.store.get(job_id)
+        if not created and job.spec != doc:
+            raise InvalidSpec("this Idempotency-Key was used for a different job spec")
+        return job, created
+
+    def get(self, job_id: str) -> Job:
+        return self.store.get(job_id)
+
+    def list(self, state: str | None, offset: int, limit: int) -> list[Job]:
+        return self.store.list(state=state, offset=offset, limit=limit)
+
+    def cancel(self, job_id: str) -> str:
+        state = self.store.request_cancel(job_id)
+        if state in ("succeeded", "failed"):
+            raise AlreadyEnded(f"the job already ended: {state}")
+        return state
+
+    def poll_events(self, job_id: str, after: str, follow: bool = True
+                    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        """Events after `after` (waiting up to block_ms when following a live job), and the state
+        to end on once the stream is drained. The state is read first: a terminal state's own event
+        is written with it, so an empty read after it means nothing is left."""
+        state = self.store.get(job_id).state
+        stop = state in TERMINAL or not follow
+        batch = self.store.events(job_id, after, block_ms=None if stop else self.block_ms)
+        return batch, state if stop and not batch else None
+
+    def readiness(self) -> Readiness:
+        redis_ok = self.store.ping()
+        try:
+            ray_ok = bool(self.ray_ping())
+        except Exception:  # a probe that raises is a probe that failed
+            ray_ok = False
+        return Readiness(status="ready" if redis_ok and ray_ok else "not_ready", redis=redis_ok, ray=ray_ok)
+
+    def count_by_state(self, cap: int = 100_000) -> dict[str, int]:
+        # Uses the store's client and key layout (HGET state per job, pipelined) instead of
+        # store.list, which would fetch every spec on each scrape. Belongs in JobStore eventually.
+        r, keys, counts, page = self.store.r, self.store.k, dict.fromkeys(STATES, 0), 1000
+        try:
+            for start in range(0, cap, page):
+                ids = r.zrange(keys.index, start, start + page - 1)
+                if not ids:
+                    break
+                pipe = r.pipeline(transaction=False)
+                for i in ids:
+                    pipe.hget(keys.job(i.decode()), "state")
+                for state in pipe.execute():
+                    if state is not None and state.decode() in counts:
+                        counts[state.decode()] += 1
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise StoreUnavailable(str(exc)) from None
+        return counts
+
+
+def http_ray_ping(address: str, timeout_s: float = 2.0) -> Callable[[], bool]:
+    """Ray is reachable when its dashboard (the Jobs API the scheduler uses) answers."""
+    url = address.rstrip("/") + "/api/version"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def ping() -> bool:
+        try:
+            with opener.open(url, timeout=timeout_s) as resp:
+                return resp.status == 200
+        except (OSError, ValueError):
+            return False
+
+    return ping
