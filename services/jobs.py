@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote
 
-import redis
 from pydantic import ValidationError
 
 from services.settings import Settings
-from services.store import STATES, TERMINAL, Job, JobStore, StoreUnavailable
+from services.store import TERMINAL, Job, JobStore
 from student_worker.config import JobSpec
 
 from services.protocol import (
@@ -195,24 +194,8 @@ class JobService:
             ray_ok = False
         return Readiness(status="ready" if redis_ok and ray_ok else "not_ready", redis=redis_ok, ray=ray_ok)
 
-    def count_by_state(self, cap: int = 100_000) -> dict[str, int]:
-        # Uses the store's client and key layout (HGET state per job, pipelined) instead of
-        # store.list, which would fetch every spec on each scrape. Belongs in JobStore eventually.
-        r, keys, counts, page = self.store.r, self.store.k, dict.fromkeys(STATES, 0), 1000
-        try:
-            for start in range(0, cap, page):
-                ids = r.zrange(keys.index, start, start + page - 1)
-                if not ids:
-                    break
-                pipe = r.pipeline(transaction=False)
-                for i in ids:
-                    pipe.hget(keys.job(i.decode()), "state")
-                for state in pipe.execute():
-                    if state is not None and state.decode() in counts:
-                        counts[state.decode()] += 1
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise StoreUnavailable(str(exc)) from None
-        return counts
+    def count_by_state(self) -> dict[str, int]:
+        return self.store.count_by_state()
 
 
 def http_ray_ping(address: str, timeout_s: float = 2.0) -> Callable[[], bool]:

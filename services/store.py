@@ -235,6 +235,21 @@ class JobStore:
             start += page
         return out
 
+    def count_by_state(self, cap: int = 100_000) -> dict[str, int]:
+        """Jobs per state (reads only each job's state field, not its spec)."""
+        counts, page = dict.fromkeys(STATES, 0), 1000
+        for start in range(0, cap, page):
+            ids = self._call(self.r.zrange, self.k.index, start, start + page - 1)
+            if not ids:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for i in ids:
+                pipe.hget(self.k.job(i.decode()), "state")
+            for state in self._call(pipe.execute):
+                if state is not None and state.decode() in counts:
+                    counts[state.decode()] += 1
+        return counts
+
     # ------------------------------------------------------------------ scheduler side
     def ensure_group(self) -> None:
         try:
