@@ -109,3 +109,80 @@ def redis_prefix(redis_url) -> Iterator[str]:
             client.delete(*keys)
     finally:
         client.close()
+
+
+# ---------------------------------------------------------------- jobs on a local Ray (scheduler tests)
+@pytest.fixture(scope="session")
+def job_data(tmp_path_factory) -> Path:
+    import json
+
+    from student_worker.data import arithmetic_rows
+
+    path = tmp_path_factory.mktemp("job-data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(80, seed=0)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def job_spec_doc(tiny_llama, tiny_student, job_data):
+    """A maker of small valid job specs as the store keeps them (JSON documents): the tiny teacher
+    in-process, a smaller student, 80 sums. Keyword sections are merged into the defaults."""
+    from student_worker.config import JobSpec
+
+    def make(**sections) -> dict:
+        doc = {
+            "name": "sched", "seed": 0,
+            "student": {"model": str(tiny_student)},
+            "teacher": {"local_model": str(tiny_llama)},
+            "data": {"path": str(job_data), "eval_fraction": 0.1, "max_prompt_tokens": 16,
+                     "max_response_tokens": 8},
+            "distill": {"loss": "fkl", "steps": 4, "batch_size": 4, "top_k": 8, "max_new_tokens": 6,
+                        "lr": 1e-3, "warmup_steps": 1},
+            "checkpoint": {"every_steps": 2, "keep_last": 2},
+            "eval": {"enabled": False, "max_samples": 4, "max_new_tokens": 6, "batch_size": 4},
+        }
+        for key, value in sections.items():
+            doc[key] = {**doc[key], **value} if isinstance(value, dict) and isinstance(doc.get(key), dict) else value
+        return JobSpec.model_validate(doc).model_dump(mode="json")
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def ray_jobs_address() -> Iterator[str]:
+    """A local Ray (4 CPUs) with its dashboard and Jobs API on a free loopback port. Job
+    entrypoints run `python` from the PATH, so this interpreter's directory goes first. Every job
+    still alive at the end is stopped before Ray shuts down."""
+    import sys
+
+    ray = pytest.importorskip("ray")
+    from ray.job_submission import JobSubmissionClient
+
+    saved_path = os.environ["PATH"]
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{saved_path}"
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             _node_ip_address="127.0.0.1", log_to_driver=False)
+    address = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client = JobSubmissionClient(address)
+                break
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield address
+        live = [j.submission_id for j in client.list_jobs() if j.submission_id and not j.status.is_terminal()]
+        for sid in live:
+            client.stop_job(sid)
+        deadline = time.monotonic() + 30
+        while live and time.monotonic() < deadline:
+            live = [sid for sid in live if not client.get_job_status(sid).is_terminal()]
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
+        os.environ["PATH"] = saved_path

@@ -1,0 +1,479 @@
+"""Scheduler: claims queued jobs, runs each as a Ray Job, holds its lease and records how it ended.
+
+    DISTILLERY_RAY_ADDRESS=http://127.0.0.1:8265 DISTILLERY_RUNS_DIR=runs python -m services.scheduler
+    # or: distillery scheduler
+
+One pass (`tick`): renew the leases that are due -> requeue jobs whose lease lapsed (their owner is
+gone) -> claim queued jobs -> for each held job: fail it if its spec is invalid (R-24), stop a
+cancelled one, submit a new one, or copy its Ray job's end into the store. `run_forever` repeats
+the pass every `poll_s` and renews leases from a thread of its own every lease_s / 3, so a slow
+pass never lets a lease lapse.
+
+Fencing (R-20, R-21): every write names the attempt and this scheduler's id, and the store's Lua
+script refuses it when either has moved on. A scheduler that finds its lease renewal refused, or
+the job hash naming another attempt or owner, writes nothing more for that job: it stops the Ray
+job of its own attempt and forgets the job.
+
+Ray Jobs: the submission id is `<job id>-a<attempt>` (Ray never accepts a submission id twice); the
+plain job id is in the Ray job's metadata and names the Ray Train run. The run directory
+`<runs_dir>/<job id>` is the same for every attempt, so attempt N resumes from the checkpoints of
+attempt N - 1. Two drivers must not share a run directory, so before submitting attempt N the
+scheduler stops every earlier attempt still alive and waits for it to end. The run directory is
+read by the scheduler and the Ray workers alike: on many machines it is a shared volume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import ValidationError
+
+from student_worker.config import JobSpec
+
+from .settings import Settings
+from .store import ACTIVE, Job, JobNotFound, JobStore, StoreUnavailable, TransitionRefused
+
+log = logging.getLogger("distillery.scheduler")
+
+LIVE = ("PENDING", "RUNNING")  # Ray job statuses that are not an end
+# The driver only waits on its workers. Any reservation would make a job that asks for every CPU of
+# the cluster unschedulable (its workers' placement group waits on the driver's share forever).
+ENTRYPOINT_CPUS = 0
+JOB_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
+MISSING_LIMIT = 3  # polls in a row Ray does not know a submitted job before it is given up
+ERROR_CHARS = 2000
+PROGRESS_EVERY_S = 30.0  # a running job's progress line in the log at most this often
+
+
+class RayJobs:
+    """The part of the Ray Jobs API the scheduler uses. A job Ray does not know is None, not an
+    error; an unreachable dashboard raises OSError; a refusal raises RuntimeError. The client
+    connects on first use, so a scheduler starts (and keeps its leases) while Ray comes up."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._client = None
+
+    @property
+    def client(self):
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.address)
+        return self._client
+
+    def submit(self, submission_id: str, entrypoint: str, *, metadata: dict[str, str],
+               env_vars: dict[str, str]) -> None:
+        # No working_dir: the cluster has the distillery package installed.
+        self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
+                               runtime_env={"env_vars": env_vars}, entrypoint_num_cpus=ENTRYPOINT_CPUS)
+
+    def status(self, submission_id: str) -> tuple[str, str] | None:
+        """(status, message), e.g. ("FAILED", "Job entrypoint command failed ..."); None if unknown."""
+        try:
+            info = self.client.get_job_info(submission_id)
+        except RuntimeError as exc:
+            if _not_found(exc):
+                return None
+            raise
+        return str(getattr(info.status, "value", info.status)), info.message or ""
+
+    def stop(self, submission_id: str) -> bool:
+        """Ask Ray to stop the job (SIGTERM, then SIGKILL); False if it was not running."""
+        try:
+            return bool(self.client.stop_job(submission_id))
+        except RuntimeError as exc:
+            if _not_found(exc):
+                return False
+            raise
+
+    def logs(self, submission_id: str) -> str:
+        try:
+            return self.client.get_job_logs(submission_id)
+        except RuntimeError as exc:
+            if _not_found(exc):
+                return ""
+            raise
+
+
+def _not_found(exc: RuntimeError) -> bool:
+    return "status code 404" in str(exc)
+
+
+@dataclass
+class Held:
+    """A job this scheduler claimed: enough to fence its writes and find its Ray job."""
+
+    job_id: str
+    attempt: int
+    run_dir: Path
+    submission_id: str = ""  # set once Ray has the job
+    stop_sent: bool = False
+    missing: int = 0
+    logged_at: float = 0.0  # monotonic s of the last progress line
+
+    @property
+    def ray_id(self) -> str:
+        return submission_id(self.job_id, self.attempt)
+
+
+def submission_id(job_id: str, attempt: int) -> str:
+    return f"{job_id}-a{attempt}"
+
+
+class LeaseKeeper:
+    """Renews the leases of held jobs every lease_s / 3. A refused renewal means the lease lapsed
+    and someone else may own the job now: it is reported once by `take_lost` and never renewed."""
+
+    def __init__(self, store: JobStore, owner: str, lease_s: float) -> None:
+        self.store, self.owner, self.lease_s = store, owner, lease_s
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[int, float]] = {}  # job id -> (attempt, last renewal, monotonic s)
+        self._lost: list[tuple[str, int]] = []
+
+    def hold(self, job_id: str, attempt: int) -> None:
+        with self._lock:
+            self._held[job_id] = (attempt, time.monotonic())
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            self._held.pop(job_id, None)
+            self._lost = [lost for lost in self._lost if lost[0] != job_id]
+
+    def take_lost(self) -> list[tuple[str, int]]:
+        with self._lock:
+            lost, self._lost = self._lost, []
+        return lost
+
+    def renew_due(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            due = [(j, a) for j, (a, at) in self._held.items() if now - at >= self.lease_s / 3]
+        for job_id, attempt in due:
+            try:
+                ok = self.store.renew_lease(job_id, self.owner, attempt, self.lease_s)
+            except StoreUnavailable as exc:
+                log.warning("job %s: lease not renewed (%s)", job_id, exc)
+                continue
+            with self._lock:
+                if self._held.get(job_id, (None,))[0] != attempt:
+                    continue  # released while the renewal was in flight
+                if ok:
+                    self._held[job_id] = (attempt, time.monotonic())
+                else:
+                    del self._held[job_id]
+                    self._lost.append((job_id, attempt))
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, store: JobStore | None = None, ray: RayJobs | None = None,
+                 *, poll_s: float = 0.5, python: str = "python") -> None:
+        self.settings = settings
+        self.id = settings.scheduler_id
+        self.store = store or JobStore(settings.redis_url, settings.redis_prefix, settings.events_max)
+        self.ray = ray or RayJobs(settings.ray_address)
+        self.runs_dir = Path(settings.runs_dir).resolve()
+        self.leases = LeaseKeeper(self.store, self.id, settings.lease_s)
+        self.held: dict[str, Held] = {}
+        self.poll_s = poll_s
+        self.python = python  # the interpreter the Ray job's entrypoint runs, found on the cluster's PATH
+
+    # ------------------------------------------------------------------ loop
+    def run_forever(self, stop: threading.Event) -> None:
+        """Tick until `stop` is set, then return without touching the held jobs: their leases
+        lapse within lease_s and another scheduler reclaims them."""
+        renewer = threading.Thread(target=self._renew_until, args=(stop,), name="lease-renewal", daemon=True)
+        renewer.start()
+        log.info("scheduler %s: Ray at %s, runs in %s, lease %.1f s", self.id, self.settings.ray_address,
+                 self.runs_dir, self.settings.lease_s)
+        while not stop.is_set():
+            try:
+                self.tick(stop)
+            except (StoreUnavailable, OSError) as exc:
+                log.warning("pass skipped: %s", exc)
+            except Exception:  # noqa: BLE001 - one bad pass must not end the scheduler
+                log.exception("pass failed")
+            stop.wait(self.poll_s)
+        renewer.join()
+        log.info("scheduler %s stopped; %d held job(s) left to lapse", self.id, len(self.held))
+
+    def _renew_until(self, stop: threading.Event) -> None:
+        while not stop.wait(self.settings.lease_s / 6):
+            self.leases.renew_due()
+
+    def tick(self, stop: threading.Event | None = None) -> None:
+        """One pass; `stop` set means no new claims."""
+        self.leases.renew_due()
+        self._reclaim()
+        if stop is None or not stop.is_set():
+            self._claim()
+        for job_id, attempt in self.leases.take_lost():
+            held = self.held.get(job_id)
+            if held is not None and held.attempt == attempt:
+                self._abandon(held, "its lease was lost")
+        for held in list(self.held.values()):
+            try:
+                self._step(held)
+            except (StoreUnavailable, OSError, RuntimeError) as exc:
+                log.warning("job %s: %s; trying again next pass", held.job_id, exc)
+            except Exception:  # noqa: BLE001 - one job's surprise must not stall the others
+                log.exception("job %s: pass failed", held.job_id)
+
+    def _reclaim(self) -> None:
+        for job_id in self.store.reclaim_expired():
+            job = self.store.get(job_id)
+            log.warning("job %s: lease of attempt %d lapsed; now %s", job_id, job.attempt, job.state)
+            if job.submission_id:  # whatever that attempt still runs can never be recorded
+                self._stop_quietly(job.submission_id)
+
+    def _claim(self) -> None:
+        # Not blocking: a scheduler paused inside a blocking read would be handed entries it
+        # cannot claim until it resumes (R-21).
+        for job, attempt in self.store.claim_next(self.id, self.settings.lease_s, block_ms=None):
+            self.held[job.id] = Held(job.id, attempt, (self.runs_dir / job.id).resolve())
+            self.leases.hold(job.id, attempt)
+            log.info("job %s: claimed, attempt %d", job.id, attempt)
+
+    # ------------------------------------------------------------------ one held job
+    def _step(self, held: Held) -> None:
+        try:
+            job = self.store.get(held.job_id)
+        except JobNotFound:
+            self._abandon(held, "its record is gone")
+            return
+        if not self._ours(job, held):
+            self._abandon(held, f"the record shows attempt {job.attempt} of {job.owner or 'nobody'}, {job.state}")
+        elif job.state == "cancelling":
+            self._cancel(held)
+        elif not held.submission_id:
+            self._submit(held, job)
+        else:
+            self._mirror(held, job)
+
+    def _ours(self, job: Job, held: Held) -> bool:
+        return job.attempt == held.attempt and job.owner == self.id and job.state in ACTIVE
+
+    def _submit(self, held: Held, job: Job) -> None:
+        try:
+            spec = self._run_spec(job, held.run_dir)
+        except (ValidationError, ValueError) as exc:
+            self._finish(held, "failed", reason="invalid_spec", error=_describe(exc))
+            return
+        if self._earlier_attempts_alive(held):
+            return
+        try:
+            held.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(held.run_dir / "spec.json", spec.to_json())
+        except OSError as exc:
+            self._finish(held, "failed", reason="run_dir_error", error=str(exc))
+            return
+        # Last look before Ray starts a driver: a scheduler paused since its claim must not start
+        # a second driver on a run directory a newer attempt already uses.
+        if not self.store.renew_lease(held.job_id, self.id, held.attempt, self.settings.lease_s):
+            self._abandon(held, "its lease lapsed before submission")
+            return
+        if self.ray.status(held.ray_id) is None:  # a retried submission Ray already took is kept
+            try:
+                self.ray.submit(held.ray_id, self._entrypoint(held), env_vars=JOB_ENV,
+                                metadata={"distillery_job_id": held.job_id, "distillery_attempt": str(held.attempt)})
+            except RuntimeError as exc:
+                self._finish(held, "failed", reason="submit_failed", error=str(exc))
+                return
+        held.submission_id = held.ray_id
+        log.info("job %s: submitted as Ray job %s", held.job_id, held.ray_id)
+        self._mark_running(held)
+
+    def _run_spec(self, job: Job, run_dir: Path) -> JobSpec:
+        """The stored spec, validated, with the scheduler's run directory."""
+        if run_dir.parent != self.runs_dir:
+            raise ValueError(f"job id {job.id!r} does not name a directory inside {self.runs_dir}")
+        spec = JobSpec.model_validate(job.spec)
+        return spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"dir": str(run_dir)})})
+
+    def _earlier_attempts_alive(self, held: Held) -> bool:
+        alive = []
+        for n in range(1, held.attempt):
+            got = self.ray.status(submission_id(held.job_id, n))
+            if got is not None and got[0] in LIVE:
+                self.ray.stop(submission_id(held.job_id, n))
+                alive.append(submission_id(held.job_id, n))
+        if alive:
+            log.info("job %s: attempt %d waits for %s to stop", held.job_id, held.attempt, ", ".join(alive))
+        return bool(alive)
+
+    def _entrypoint(self, held: Held) -> str:
+        run = held.run_dir
+        return shlex.join([
+            self.python, "-m", "student_worker.run", "--spec", str(run / "spec.json"), "--job-id", held.job_id,
+            "--attempt", str(held.attempt), "--events", f"file:{run / 'events.jsonl'}",
+            "--events", events_url(self.settings.redis_url, self.settings.redis_prefix),
+        ])
+
+    def _mark_running(self, held: Held) -> None:
+        try:
+            self.store.transition(held.job_id, allowed=("starting",), to="running", attempt=held.attempt,
+                                  owner=self.id, submission_id=held.submission_id)
+        except TransitionRefused as exc:
+            self._refused(held, exc)  # cancelling meanwhile: still ours, the next pass stops it
+
+    def _mirror(self, held: Held, job: Job) -> None:
+        got = self.ray.status(held.submission_id)
+        if got is None:
+            held.missing += 1
+            if held.missing >= MISSING_LIMIT:  # e.g. a restarted Ray head: requeued once the lease lapses
+                self._abandon(held, f"Ray does not know {held.submission_id}")
+            return
+        held.missing = 0
+        if job.state == "starting":  # the write after submission did not reach Redis
+            self._mark_running(held)
+        if got[0] not in LIVE:
+            self._record_end(held, *got, cancelling=False)
+        elif job.progress and time.monotonic() - held.logged_at >= PROGRESS_EVERY_S:
+            held.logged_at = time.monotonic()
+            log.info("job %s: %s, %s step %s, loss %s", held.job_id, got[0], job.progress.get("stage"),
+                     job.progress.get("step"), job.progress.get("loss"))
+
+    def _cancel(self, held: Held) -> None:
+        if not held.submission_id:
+            self._finish(held, "cancelled", reason="cancelled_by_user")
+            return
+        got = self.ray.status(held.submission_id)
+        if got is None or got[0] not in LIVE:
+            self._record_end(held, *(got or ("STOPPED", "")), cancelling=True)
+        elif not held.stop_sent:
+            self.ray.stop(held.submission_id)
+            held.stop_sent = True
+            log.info("job %s: cancelling; asked Ray to stop %s", held.job_id, held.submission_id)
+
+    def _record_end(self, held: Held, status: str, message: str, *, cancelling: bool) -> None:
+        if status == "SUCCEEDED":  # finished before a cancel could stop it: the result stands
+            self._finish(held, "succeeded", summary=self._summary(held), checkpoint=self._latest_checkpoint(held))
+        elif cancelling:
+            self._finish(held, "cancelled", reason="cancelled_by_user")
+        elif status == "STOPPED":
+            self._finish(held, "cancelled", reason="ray_job_stopped", error=message[:ERROR_CHARS])
+        else:
+            self._finish(held, "failed", **self._failure(held, message))
+
+    def _failure(self, held: Held, message: str) -> dict[str, str]:
+        """The entrypoint's one-line error (`job <id> failed: <Type>: <message>`) when it printed
+        one, else Ray's message (the process died: killed, out of memory, ...)."""
+        marker = f"job {held.job_id} failed: "
+        text = message if marker in message else self._logs(held.submission_id)
+        line = next((ln for ln in reversed(text.splitlines()) if marker in ln), "")
+        if not line:
+            return {"reason": "ray_job_failed", "error": message[-ERROR_CHARS:]}
+        error = line.split(marker, 1)[1][:ERROR_CHARS]
+        return {"reason": "non_finite_loss" if error.startswith("NonFiniteLoss") else "job_failed", "error": error}
+
+    def _logs(self, sid: str) -> str:
+        try:
+            return self.ray.logs(sid)
+        except (RuntimeError, OSError) as exc:
+            log.warning("logs of %s unavailable: %s", sid, exc)
+            return ""
+
+    def _summary(self, held: Held) -> dict[str, Any]:
+        try:
+            summary = json.loads((held.run_dir / "summary.json").read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: no readable summary.json (%s)", held.job_id, exc)
+            return {}
+        return summary if isinstance(summary, dict) else {"value": summary}
+
+    def _latest_checkpoint(self, held: Held) -> str:
+        try:
+            return (held.run_dir / "checkpoints" / "latest").read_text().strip()
+        except OSError:
+            return ""
+
+    # ------------------------------------------------------------------ writes and letting go
+    def _finish(self, held: Held, to: str, **fields: Any) -> None:
+        try:
+            self.store.transition(held.job_id, allowed=ACTIVE, to=to, attempt=held.attempt, owner=self.id,
+                                  **fields)
+        except TransitionRefused as exc:
+            self._refused(held, exc)
+            return
+        log.info("job %s: %s (attempt %d)%s", held.job_id, to, held.attempt,
+                 f": {fields['reason']}" if fields.get("reason") else "")
+        self._drop(held)
+
+    def _refused(self, held: Held, exc: TransitionRefused) -> None:
+        log.warning("job %s attempt %d: write refused: %s", held.job_id, held.attempt, exc)
+        try:
+            job = self.store.get(held.job_id)
+        except JobNotFound:
+            job = None
+        if job is None or not self._ours(job, held):
+            self._abandon(held, "a newer attempt or owner has it")
+
+    def _abandon(self, held: Held, why: str) -> None:
+        """Let go of a job that is no longer ours: no writes, and its Ray job for this attempt stops."""
+        log.warning("job %s attempt %d: letting go, %s", held.job_id, held.attempt, why)
+        if held.submission_id:
+            self._stop_quietly(held.submission_id)
+        self._drop(held)
+
+    def _drop(self, held: Held) -> None:
+        self.held.pop(held.job_id, None)
+        self.leases.release(held.job_id)
+
+    def _stop_quietly(self, sid: str) -> None:
+        try:
+            if self.ray.stop(sid):
+                log.info("stopped Ray job %s", sid)
+        except (RuntimeError, OSError) as exc:
+            log.warning("could not stop Ray job %s: %s", sid, exc)
+
+
+# ---------------------------------------------------------------------- helpers
+def events_url(redis_url: str, prefix: str) -> str:
+    """The worker's Redis event sink: the service's Redis URL with `?prefix=`."""
+    parts = urlsplit(redis_url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "prefix"] + [("prefix", prefix)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        text = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
+    else:
+        text = str(exc)
+    return text[:ERROR_CHARS]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(settings: Settings) -> int:
+    """`distillery scheduler`: run until SIGTERM or SIGINT, then exit and let the leases lapse."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("%s: no new claims; held leases will lapse", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    Scheduler(settings).run_forever(stop)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Settings.from_env()))
