@@ -114,6 +114,9 @@ class Supervisor:
         import ray
 
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        # Ray Job entrypoints run `python` from PATH: make it this interpreter (the venv's), even
+        # when the venv was never activated.
+        os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         redis_url, embedded = self._start_redis()
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=self.dashboard_port,
                  _node_ip_address="127.0.0.1", log_to_driver=False)

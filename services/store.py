@@ -63,7 +63,9 @@ class Job:
 
     @classmethod
     def from_hash(cls, h: dict[bytes, bytes]) -> "Job":
-        g = {k.decode(): v.decode() for k, v in h.items()}
+        # A corrupt field must not make the whole record unreadable (R-24): bad bytes become U+FFFD
+        # and the spec then fails validation with a reason.
+        g = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in h.items()}
 
         def obj(key: str) -> dict[str, Any]:
             try:
@@ -258,21 +260,31 @@ class JobStore:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def claim_next(self, owner: str, lease_s: float, block_ms: int = 1000) -> list[tuple[Job, int]]:
+    def claim_next(self, owner: str, lease_s: float, block_ms: int | None = 1000) -> list[tuple[Job, int]]:
         """Read queue entries as `owner` and claim the jobs they name; (job, attempt) per claim.
-        Entries that no longer match their job (claimed, cancelled, stale) are acknowledged."""
+
+        Entries another reader took but never acknowledged (it died between read and ack) are
+        taken over once they have been pending longer than a lease. Entries that no longer match
+        their job (claimed, cancelled, stale) are acknowledged and dropped. Each entry is handled
+        on its own, so one bad entry cannot hold back the rest."""
         self.ensure_group()
+        lease_ms = int(lease_s * 1000)
+        _, stale, *_ = self._call(self.r.xautoclaim, self.k.queue, GROUP, owner, lease_ms, "0-0", count=10)
         got = self._call(self.r.xreadgroup, GROUP, owner, {self.k.queue: ">"}, count=10, block=block_ms)
+        entries = list(stale or []) + [e for _, es in (got or []) for e in es]
         claimed = []
-        for _, entries in got or []:
-            for entry_id, fields in entries:
+        for entry_id, fields in entries:
+            try:
                 job_id, attempt = fields[b"id"].decode(), int(fields[b"attempt"])
-                ok, value = self._call(self._claim, keys=[self.k.job(job_id), self.k.lease(job_id), self.k.active],
-                                       args=[attempt, owner, int(lease_s * 1000), time.time()])
-                self._call(self.r.xack, self.k.queue, GROUP, entry_id)
-                self._call(self.r.xdel, self.k.queue, entry_id)
-                if ok:
-                    claimed.append((self.get(job_id), int(value)))
+                ok, value = self._call(self._claim, keys=[self.k.job(job_id), self.k.lease(job_id),
+                                                          self.k.active],
+                                       args=[attempt, owner, lease_ms, time.time()])
+            except (KeyError, TypeError, ValueError, UnicodeDecodeError, redis.ResponseError):
+                ok = 0  # a malformed entry: dropped below
+            self._call(self.r.xack, self.k.queue, GROUP, entry_id)
+            self._call(self.r.xdel, self.k.queue, entry_id)
+            if ok:
+                claimed.append((self.get(job_id), int(value)))
         return claimed
 
     def renew_lease(self, job_id: str, owner: str, attempt: int, lease_s: float) -> bool:
