@@ -198,6 +198,19 @@ class JobService:
         return self.store.count_by_state()
 
 
+def ray_auth_headers() -> dict[str, str]:
+    """The headers Ray's own clients send when the cluster has token authentication on (the
+    default since Ray 2.5x); empty when it is off or Ray cannot tell."""
+    try:
+        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+    except ImportError:  # an older Ray without token auth
+        return {}
+    try:
+        return dict(get_auth_headers_if_auth_enabled({}))
+    except Exception:  # noqa: BLE001 - no token to be had: the request goes without one
+        return {}
+
+
 def http_ray_ping(address: str, timeout_s: float = 2.0) -> Callable[[], bool]:
     """Ray is reachable when its dashboard (the Jobs API the scheduler uses) answers."""
     url = address.rstrip("/") + "/api/version"
@@ -205,7 +218,8 @@ def http_ray_ping(address: str, timeout_s: float = 2.0) -> Callable[[], bool]:
 
     def ping() -> bool:
         try:
-            with opener.open(url, timeout=timeout_s) as resp:
+            request = urllib.request.Request(url, headers=ray_auth_headers())
+            with opener.open(request, timeout=timeout_s) as resp:
                 return resp.status == 200
         except (OSError, ValueError):
             return False

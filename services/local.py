@@ -121,6 +121,7 @@ class Supervisor:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=self.dashboard_port,
                  _node_ip_address="127.0.0.1", log_to_driver=False)
         dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self._wait_http(f"{dashboard}/api/version", timeout=120)  # the Jobs API the scheduler needs
         teacher_endpoint = None
         if self.teacher_model:
             from teacher_server.process import start_teacher
@@ -144,13 +145,15 @@ class Supervisor:
     def _wait_http(self, url: str, timeout: float = 60) -> None:
         import httpx
 
+        from services.jobs import ray_auth_headers
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for name, proc in self.children:
                 if proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_dir / name}.log")
             try:
-                if httpx.get(url, timeout=1).status_code == 200:
+                if httpx.get(url, timeout=1, headers=ray_auth_headers()).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -218,8 +221,10 @@ def up(state_dir: Path, *, api_port: int = 8000, dashboard_port: int = 8265, tea
     if redis_url:
         cmd += ["--redis-url", redis_url]
     with open(state_dir / "supervisor.log", "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # Ray's token authentication, said explicitly (before Ray is imported there) so that the
+        # API and the scheduler, started with the supervisor's environment, send the token too.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         state = read_state(state_dir)
