@@ -82,6 +82,9 @@ class Supervisor:
         self.state_dir, self.api_port, self.dashboard_port = state_dir, api_port, dashboard_port
         self.teacher_model, self.runs_dir, self.redis_url = teacher_model, runs_dir, redis_url
         self.children: list[tuple[str, subprocess.Popen]] = []
+        self._launch: dict[str, tuple[list[str], dict[str, str]]] = {}
+        self.restarts: dict[str, int] = {}
+        self.state: StackState | None = None
         self.teacher = None
         self.log_dir = state_dir / "logs"
 
@@ -90,7 +93,24 @@ class Supervisor:
         with open(self.log_dir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.children.append((name, proc))
+        self._launch[name] = (cmd, env)
         return proc
+
+    def restart_dead(self, max_restarts: int = 5) -> bool:
+        """Start again any child that exited (jobs live in Redis, so nothing is lost); False once
+        one has died more than `max_restarts` times."""
+        for i, (name, proc) in enumerate(self.children):
+            if proc.poll() is None:
+                continue
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            if self.restarts[name] > max_restarts:
+                return False
+            print(f"stack: {name} exited with {proc.returncode}; restarting", file=sys.stderr, flush=True)
+            cmd, env = self._launch[name]
+            with open(self.log_dir / f"{name}.log", "ab") as log:
+                self.children[i] = (name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+            self._write_state()
+        return True
 
     def _start_redis(self) -> tuple[str, bool]:
         if self.redis_url and redis_answers(self.redis_url):
@@ -138,9 +158,20 @@ class Supervisor:
         self._spawn("api", [sys.executable, "-m", "services.cli", "api", "--host", "127.0.0.1",
                             "--port", str(self.api_port)], env)
         self._wait_http(f"{api_url}/healthz")
-        return StackState(os.getpid(), redis_url, api_url, dashboard, teacher_endpoint, str(self.runs_dir),
-                          embedded, {name: p.pid for name, p in self.children}
-                          | ({"teacher": self.teacher.pid} if self.teacher else {}))
+        self.state = StackState(os.getpid(), redis_url, api_url, dashboard, teacher_endpoint, str(self.runs_dir),
+                                embedded, {})
+        self._write_state()
+        return self.state
+
+    def _write_state(self) -> None:
+        """The state file `down` and users read: where things listen and the pid of each child."""
+        assert self.state is not None
+        self.state.children = {name: p.pid for name, p in self.children} | (
+            {"teacher": self.teacher.pid} if self.teacher else {})
+        path = self.state_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self.state), indent=2))
+        tmp.replace(path)
 
     def _wait_http(self, url: str, timeout: float = 60) -> None:
         import httpx
@@ -186,14 +217,10 @@ def supervise(state_dir: Path, api_port: int, dashboard_port: int, teacher_model
     sup = Supervisor(state_dir, api_port, dashboard_port, teacher_model, runs_dir, redis_url)
     state_path = state_dir / STATE_FILE
     try:
-        state = sup.start()
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(state), indent=2))
-        tmp.replace(state_path)
+        sup.start()
         while not stop.wait(0.5):
-            dead = [name for name, p in sup.children if p.poll() is not None]
-            if dead:
-                print(f"stack: {', '.join(dead)} exited; stopping", file=sys.stderr, flush=True)
+            if not sup.restart_dead():
+                print("stack: a service keeps failing; stopping", file=sys.stderr, flush=True)
                 break
     except Exception as exc:  # noqa: BLE001 - reported to `up` through the error file
         (state_dir / "error.txt").write_text(f"{type(exc).__name__}: {exc}")

@@ -91,6 +91,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def on_metrics(m: dict[str, Any]) -> None:
         ray_metrics.record(m)
         sink.emit({"kind": "metrics", "rank": rank, "pid": os.getpid(), "job_id": job_id, **m})
+        if "loss" in m:  # every rank reports every step, so Ray Train's report barrier lines up
+            ray.train.report({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))})
 
     def on_checkpoint(ref, info: dict[str, Any]) -> None:
         from ray.train import Checkpoint

@@ -115,6 +115,31 @@ def test_cancel_a_running_job(stack, tiny_llama, tiny_student):
         time.sleep(1)
 
 
+def test_the_api_restarted_mid_job_still_shows_the_job(stack, tiny_llama, tiny_student):
+    import signal
+
+    root, state_dir, state, env = stack
+    spec = job_spec(root, tiny_llama, tiny_student, steps=6)
+    job_id = cli("submit", str(spec), env=env).stdout.split()[0]
+    old_api = read_state(state_dir).children["api"]
+    os.kill(old_api, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:  # the supervisor starts the API again; the job lives in Redis meanwhile
+        current = read_state(state_dir).children.get("api")
+        if current != old_api:
+            try:
+                if httpx.get(f"{state.api_url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+        assert time.monotonic() < deadline, "the API did not come back"
+        time.sleep(0.5)
+    while json.loads(cli("status", job_id, env=env).stdout)["state"] not in ("succeeded", "failed"):
+        assert time.monotonic() < deadline + 240
+        time.sleep(1)
+    assert json.loads(cli("status", job_id, env=env).stdout)["state"] == "succeeded"
+
+
 def test_down_stops_everything_up_started(tmp_path):
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("REDIS_URL", None)

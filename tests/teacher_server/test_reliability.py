@@ -218,7 +218,7 @@ def test_r10_deadline_on_long_generate_is_prompt_and_the_work_stops(busy):
 
     after = wait_for(lambda: (s := scrape(server.metrics_port)) and metric(
         s, "distillery_teacher_cancelled_total") > metric(before, "distillery_teacher_cancelled_total")
-        and s, 5, "the cancelled counter")
+        and s, 30, "the cancelled counter")
     delta = lambda name, **lab: metric(after, name, **lab) - metric(before, name, **lab)  # noqa: E731
     assert delta("distillery_teacher_cancelled_total") == 1
     # The request left its batch: the engine worked on it for about the deadline, not the whole run.
@@ -243,7 +243,7 @@ def test_r10_score_waiting_in_the_queue_past_its_deadline_is_dropped(busy):
 
     after = wait_for(lambda: (s := scrape(server.metrics_port)) and metric(
         s, "distillery_teacher_cancelled_total") - metric(before, "distillery_teacher_cancelled_total") >= 2
-        and s, 5, "both requests counted as cancelled")
+        and s, 30, "both requests counted as cancelled")
     delta = lambda name, **lab: metric(after, name, **lab) - metric(before, name, **lab)  # noqa: E731
     assert delta("distillery_teacher_cancelled_total") == 2
     assert delta("distillery_teacher_batch_requests_count", kind="score") == 0  # never ran
