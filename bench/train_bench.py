@@ -202,11 +202,9 @@ def heldout_jsd(model: torch.nn.Module, teacher: LocalTeacher, prompts: list[tor
 
 
 def bench_trl(tmp: Path, endpoint: str, args: argparse.Namespace) -> None:
-    from unittest import mock
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_baseline import bench_decode, run_trl, sample_with_4d_mask
+    from trl_baseline import bench_decode, run_trl
 
     tokenizer = AutoTokenizer.from_pretrained(str(tmp / "student"))
     teacher = LocalTeacher.from_model_dir(str(tmp / "teacher"))
@@ -222,10 +220,6 @@ def bench_trl(tmp: Path, endpoint: str, args: argparse.Namespace) -> None:
     def distillery(name: str, teacher_spec: dict, **kw: Any):
         return lambda: train_once(spec_for(tmp, teacher_spec, args, name, steps=args.trl_steps, **kw))
 
-    def what_if_4d_mask():
-        with mock.patch("student_worker.trainer.sample_responses", sample_with_4d_mask):
-            return train_once(spec_for(tmp, local, args, "d-4d", steps=args.trl_steps))
-
     local, served = {"local_model": str(tmp / "teacher")}, {"endpoints": [endpoint]}
     trl_name = "TRL DistillationTrainer (in-process teacher, full vocab)"
     setups = {
@@ -233,7 +227,6 @@ def bench_trl(tmp: Path, endpoint: str, args: argparse.Namespace) -> None:
         "Distillery, in-process teacher, full rows": distillery("d-full", local, full_logprobs=True),
         "Distillery, served teacher, top-16": distillery("d-served", served),
         trl_name: lambda: run_trl(tmp / "student", tmp / "teacher", prompts, tmp / "trl-out", args, args.trl_steps),
-        "what-if: Distillery, in-process top-16, 4-D decode mask": what_if_4d_mask,
     }
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in setups}
     for _ in range(args.repeats):

@@ -12,7 +12,7 @@ full-vocabulary teacher logits in-process, and its generalized JSD mixes m = (1 
 which equals ours at β = 0.5 (docs/training.md).
 
 `bench_decode` times one batch of on-policy sampling with our sampler and with transformers'
-generate() (TRL's path); `FourDMask` is the what-if it motivates: hand the model a ready 4-D mask.
+generate() (TRL's path), on prompts of equal and of mixed lengths.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from student_worker.data import arithmetic_rows
-from student_worker.rollout import sample_responses
 
 
 def trl_config(out_dir: Path, args: argparse.Namespace, steps: int):
@@ -124,27 +123,6 @@ def run_trl(student_dir: Path, teacher_dir: Path, prompts: list[str], out_dir: P
 
 
 # ---------------------------------------------------------------------- where the time goes
-class FourDMask(torch.nn.Module):
-    """What-if, bench only: the model called with a ready [B, 1, q, kv] boolean mask built from the
-    2-D padding mask, so transformers skips building one (`create_causal_mask` returns a 4-D mask
-    as given). Same tokens as the plain model; see the decode table for why it matters."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any):
-        q, kv = input_ids.shape[1], attention_mask.shape[1]
-        causal = torch.ones(q, kv, dtype=torch.bool, device=input_ids.device).tril(kv - q)
-        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
-        mask[..., torch.arange(q), torch.arange(q) + kv - q] = True  # a pad query sees itself, not NaN
-        return self.model(input_ids=input_ids, attention_mask=mask, **kw)
-
-
-def sample_with_4d_mask(model: torch.nn.Module, prompts: list[torch.Tensor], **kw: Any) -> list[torch.Tensor]:
-    return sample_responses(FourDMask(model), prompts, **kw)
-
-
 def bench_decode(tmp: Path, args: argparse.Namespace) -> None:
     """One batch of on-policy sampling, three ways, on prompts of equal and of mixed lengths."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -173,9 +151,8 @@ def bench_decode(tmp: Path, args: argparse.Namespace) -> None:
         with torch.no_grad():
             model.generate(input_ids=ids, attention_mask=mask, generation_config=hf)
 
-    ways = {"Distillery sampler (2-D mask)": lambda p: generate(model, p, params),
-            "transformers generate() (TRL's path)": hf_generate,
-            "Distillery sampler, 4-D mask passed in (what-if)": lambda p: generate(FourDMask(model), p, params)}
+    ways = {"Distillery sampler (ready 4-D mask)": lambda p: generate(model, p, params),
+            "transformers generate() (TRL's path)": hf_generate}
     print(f"\n### One batch of on-policy sampling ({b} prompts x {args.max_new_tokens} new tokens, "
           f"student, median of 7)\n")
     print("| sampler | " + " | ".join(f"{k} (ms)" for k in batches) + " |")
