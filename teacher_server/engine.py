@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .sampling import generate, temper, row_seed as _row_seed  # noqa: F401 (re-exported)
+from .sampling import generate, pad, temper
 from .contract import (
     Generation,
     Limits,
@@ -155,7 +155,7 @@ class TeacherEngine:
 
     def _score_batch(self, args: ScoreArgs, batch: list[int]) -> list[ScoredSequence]:
         seqs = [args.sequences[i] for i in batch]
-        ids, mask, offsets = self._pad(seqs, self.config.padding_side)
+        ids, mask, offsets = pad(seqs, self.config.padding_side, self.device)
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         hidden = self._decoder(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                                use_cache=False).last_hidden_state
@@ -199,19 +199,6 @@ class TeacherEngine:
         cat = lambda xs, shape: torch.cat(xs) if xs else torch.empty(shape)  # noqa: E731
         return (cat(parts[0], (0, k)).long(), cat(parts[1], (0, k)), cat(parts[2], (0,)),
                 cat(parts[3], (0, self.vocab_size)) if full_rows else None)
-
-    def _pad(self, seqs: Sequence[torch.Tensor], side: str):
-        """[B, T] ids and mask, and each row's offset of its first real token."""
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        offsets = []
-        for r, s in enumerate(seqs):
-            off = width - len(s) if side == "left" else 0
-            ids[r, off:off + len(s)] = s
-            mask[r, off:off + len(s)] = 1
-            offsets.append(off)
-        return ids.to(self.device), mask.to(self.device), offsets
 
     # ------------------------------------------------------------------ generate
     def generate(

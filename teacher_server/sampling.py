@@ -29,15 +29,25 @@ def temper(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (logits - logits.amax(-1, keepdim=True)) / temperature
 
 
-def left_pad(seqs: Sequence[torch.Tensor], device: torch.device | str, pad_id: int = 0):
-    """[B, T] ids and attention mask with every row's tokens flush right."""
+def pad(seqs: Sequence[torch.Tensor], side: str, device: torch.device | str, pad_id: int = 0):
+    """[B, T] ids and attention mask with rows flush left ("right" padding) or flush right
+    ("left" padding), and each row's offset of its first real token."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    offsets = []
     for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = s
-        mask[r, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
+        off = width - len(s) if side == "left" else 0
+        ids[r, off:off + len(s)] = s
+        mask[r, off:off + len(s)] = 1
+        offsets.append(off)
+    return ids.to(device), mask.to(device), offsets
+
+
+def left_pad(seqs: Sequence[torch.Tensor], device: torch.device | str, pad_id: int = 0):
+    """[B, T] ids and attention mask with every row's tokens flush right."""
+    ids, mask, _ = pad(seqs, "left", device, pad_id)
+    return ids, mask
 
 
 def attention_mask_4d(mask: torch.Tensor, queries: int) -> torch.Tensor:
