@@ -7,7 +7,8 @@ Score runs the decoder once over right- or left-padded micro-batches and applies
 only at the scored positions ([N, H] @ [H, V] instead of [B, T, V] logits), in chunks, so memory
 grows with the positions asked for, not with the batch's padded length.
 
-Generate is a batched sampling loop with a KV cache over left-padded prompts. Each prompt has its
+Generate delegates to `sampling.generate` (shared with student rollouts): a batched KV-cache loop
+over left-padded prompts. Each prompt has its
 own torch.Generator seeded from (seed, index), so a seeded answer does not depend on how requests
 were batched together; rows that finish or are cancelled leave the batch and the cache.
 """
