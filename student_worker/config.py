@@ -142,6 +142,17 @@ class ResourcesSpec(_Strict):
                                                       "default <checkpoint.dir>/ray.")
     check_replicas_every: int = Field(0, ge=0, le=1_000_000, description="Compare the ranks' weight checksums "
                                                                         "every N steps (0 = never); a mismatch fails the job.")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: every worker holds the whole student and gradients are averaged each step. "
+                           "fsdp: weights, gradients and optimizer state are sharded over the workers (FSDP2), "
+                           "for students that do not fit one device; checkpoints are the same full model either way.")
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> "ResourcesSpec":
+        if self.strategy == "fsdp" and self.check_replicas_every:
+            raise ValueError("resources.check_replicas_every compares replicas, but fsdp workers hold different "
+                             "shards of the student, not replicas: set it to 0 with strategy fsdp")
+        return self
 
 
 class JobSpec(_Strict):
