@@ -14,6 +14,9 @@ Phases of one distill step (`_distill_step`), repeated `grad_accum` times before
   5. backward; then clip, optimizer and LR step, unless any loss was non-finite (skipped, counted).
 All randomness comes from those seeds, and the data position, optimizer, scheduler and counters
 are checkpointed, so a resumed run repeats an uninterrupted one step for step (R-40).
+
+Ranks are data-parallel: with `resources.strategy` ddp each holds the whole student and gradients
+are averaged by hand (`distributed.py`); with fsdp the student is sharded over them (`fsdp.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import math
 import random
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,6 +37,7 @@ from teacher_server.contract import Teacher
 from teacher_server.engine import check_model_dir, tokenizer_fingerprint
 
 from . import distributed as dist
+from . import fsdp
 from . import warmup as warmup_mod
 from .checkpoint import CheckpointManager, CheckpointRef
 from .config import JobSpec, TeacherSpec
@@ -103,6 +108,9 @@ class Trainer:
         self.non_finite_streak = self.non_finite_total = 0
         self.history: list[dict[str, Any]] = []
         self.resumed_from: CheckpointRef | None = None
+        self.sharded = spec.resources.strategy == "fsdp" and fsdp.available()
+        if spec.resources.strategy == "fsdp" and not self.sharded:
+            log.info("strategy fsdp without a process group: one process holds the whole student")
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume_from: CheckpointRef | None = None) -> None:
@@ -115,7 +123,9 @@ class Trainer:
         self.eos_id = self.tokenizer.eos_token_id
         ref = resume_from or self.ckpt.latest_valid()
         self.model = load_student(ref.path if ref else spec.student.model, spec.student.dtype,
-                                  spec.student.device)
+                                  "cpu" if self.sharded else spec.student.device)
+        if self.sharded:  # each rank keeps its shard, on its device
+            self.model = fsdp.shard(self.model, spec.student.device)
         info = self.teacher.info()
         info.check_compatible(int(self.model.get_output_embeddings().weight.shape[0]),
                               tokenizer_fingerprint(self.tokenizer))
@@ -149,10 +159,12 @@ class Trainer:
             self.optimizer, lr_lambda(warm, s.steps, d.min_lr_ratio))
 
     # ------------------------------------------------------------------ save / load
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, optimizer_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything but the weights; `optimizer_state` is the full one gathered under fsdp."""
         return {
             "stage": self.stage, "step": self.step,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "optimizer": self.optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            "scheduler": self.scheduler.state_dict(),
             "order": self.order.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "counters": {"non_finite_streak": self.non_finite_streak,
@@ -162,10 +174,13 @@ class Trainer:
     def save(self) -> CheckpointRef | None:
         """A save point: rank 0 writes the checkpoint; every rank tells `on_checkpoint`."""
         ref = None
+        model, optimizer_state = self.model, None
+        if self.sharded:  # a collective: every rank gathers, rank 0 receives the full copies
+            model, optimizer_state = fsdp.full_checkpoint(self.model, self.optimizer)
         if self.is_main:
-            if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                 raise NonFiniteLoss(f"non-finite weights at {self.stage} step {self.step}; not saving them")
-            ref = self.ckpt.save(self.model, self.state_dict(), self.spec.to_json(), stage=self.stage,
+            ref = self.ckpt.save(model, self.state_dict(optimizer_state), self.spec.to_json(), stage=self.stage,
                                  step=self.step)
             log.info("checkpoint %s", ref.path)
         if self.on_checkpoint is not None:
@@ -187,7 +202,10 @@ class Trainer:
         log.info("resumed from %s (stage %s, step %d)", ref.path.name, self.stage, self.step)
 
     def _restore_optimizer(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            fsdp.load_optimizer(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def cleanup(self) -> None:
@@ -208,9 +226,12 @@ class Trainer:
             self._advance("done")
         summary = {"stage": self.stage, "non_finite_total": self.non_finite_total,
                    "last": self.history[-1] if self.history else None}
-        if self.spec.eval.enabled and self.is_main and self.eval_set:
-            summary["eval"] = evaluate_models(self.model, self.teacher if self.spec.eval.teacher else None,
-                                              self.eval_set, self.tokenizer, self.spec.eval, self.eos_id)
+        if self.spec.eval.enabled and self.eval_set:
+            with self._full_weights():
+                if self.is_main:
+                    summary["eval"] = evaluate_models(
+                        self.model, self.teacher if self.spec.eval.teacher else None, self.eval_set,
+                        self.tokenizer, self.spec.eval, self.eos_id)
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
@@ -236,12 +257,23 @@ class Trainer:
         if self.on_metrics is not None:
             self.on_metrics(metrics)
 
+    def _full_weights(self, needed: bool = True) -> AbstractContextManager[None]:
+        """Under fsdp, a block in which every rank holds the full student (for sampling and eval,
+        whose forwards differ in number between ranks); every rank enters it together."""
+        return fsdp.full_params(self.model) if self.sharded and needed else nullcontext()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        # FSDP: every rank joins the backward's reduce-scatters; a non-finite step is dropped after.
+        if self.sharded or torch.isfinite(loss):
+            loss.backward()
+
     def _update(self, losses: list[torch.Tensor]) -> bool:
         """Average gradients over ranks, clip and step, unless a loss on any rank was non-finite;
         returns whether the step was taken (the same answer on every rank)."""
         finite = dist.all_true(all(bool(torch.isfinite(l)) for l in losses))
         if finite:
-            dist.average_gradients(list(self.model.parameters()))
+            if not self.sharded:  # FSDP averaged them in the backward
+                dist.average_gradients(list(self.model.parameters()))
             if self.spec.distill.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.distill.grad_clip)
             self.optimizer.step()
@@ -272,7 +304,8 @@ class Trainer:
             prompts = [e.prompt_ids for e in examples]
             seed = step_seed(self.spec.seed, self.stage, self.step, micro, self.rank)
             t0 = time.perf_counter()
-            responses, sampled = self._responses(examples, prompts, seed)
+            with self._full_weights(d.on_policy_fraction > 0):  # every rank, whether it samples or not
+                responses, sampled = self._responses(examples, prompts, seed)
             on_policy += sampled
             t1 = time.perf_counter()
             batch = score_batch(self.teacher, prompts, responses, top_k=d.top_k, temperature=d.temperature,
@@ -282,8 +315,7 @@ class Trainer:
             loss = distill_loss(logits, batch.teacher, batch.response_mask, loss=d.loss, alpha=d.alpha,
                                 beta=d.beta, mu=d.mu, temperature=d.temperature,
                                 chunk_size=d.loss_chunk_size)
-            if torch.isfinite(loss):
-                (loss / d.grad_accum).backward()
+            self._backward(loss / d.grad_accum)
             times["generate_s"] += t1 - t0
             times["teacher_s"] += t2 - t1
             times["forward_backward_s"] += time.perf_counter() - t2
@@ -344,9 +376,8 @@ class Trainer:
                 loss, metrics = warmup_mod.preference_loss(self.model, self.reference, batch, w,
                                                            pad_id=self.pad_id)
             else:
-                loss, metrics = sum(p.sum() for p in self.model.parameters()) * 0.0, {"loss": 0.0}
-            if torch.isfinite(loss):
-                loss.backward()
+                loss, metrics = self._zero_loss(), {"loss": 0.0}
+            self._backward(loss)
             took = self._update([loss.detach()])
             self.step += 1
             self._check_replicas()
@@ -354,6 +385,14 @@ class Trainer:
                         "lr": self.scheduler.get_last_lr()[0], "step_s": time.perf_counter() - t0, **metrics})
             self._maybe_checkpoint()
         self.reference = None
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A loss with zero gradients for a rank without pairs; under fsdp through a forward, so
+        the rank joins the same collectives as the others."""
+        if self.sharded:
+            ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=self.spec.student.device)
+            return self.model(input_ids=ids).logits.sum() * 0.0
+        return sum(p.sum() for p in self.model.parameters()) * 0.0
 
 
 def _as_tuple(x: Any) -> Any:
