@@ -126,7 +126,9 @@ def full_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a full optimizer state in the plain layout (as `full_checkpoint` or a ddp run saves
-    it) into the sharded `optimizer`; each rank keeps its shard. Every rank passes the whole state."""
+    it) into the sharded `optimizer`; each rank keeps its shard. Every rank passes the whole state,
+    before any backward: set_optimizer_state_dict creates the state it fills only while no
+    parameter has a gradient."""
     if not state["state"]:  # saved before the first step: hyper-parameters only, as in `full_checkpoint`
         optimizer.load_state_dict(state)
         return
