@@ -130,6 +130,10 @@ class EvalSpec(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=8192, description="Greedy decoding length.")
     batch_size: int = Field(16, ge=1, le=1024, description="Prompts decoded together.")
     teacher: bool = Field(True, description="Also evaluate the teacher on the same set, for reference.")
+    before: bool = Field(False, description="Also evaluate the student before its first training step.")
+    after_warmup: bool = Field(False, description="Also evaluate the student when Warmup-Distill ends.")
+    every_steps: int = Field(0, ge=0, le=10_000_000,
+                             description="Also evaluate the student every N KD optimizer steps (0 = never).")
 
 
 class ResourcesSpec(_Strict):

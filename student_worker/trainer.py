@@ -42,7 +42,7 @@ from . import warmup as warmup_mod
 from .checkpoint import CheckpointManager, CheckpointRef
 from .config import JobSpec, TeacherSpec
 from .data import Example, ShardedOrder, load_splits
-from .eval import evaluate_models
+from .eval import evaluate, evaluate_models, student_generator
 from .losses import distill_loss
 from .rollout import mismatch_metrics, sample_responses, score_batch, student_logits, teacher_responses
 
@@ -216,12 +216,19 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
         """Run the remaining stages; returns the summary (also written to <run dir>/summary.json)."""
+        if self.resumed_from is None and self.spec.eval.before:  # a fresh run, at its first step
+            self._eval_point("before")
         if self.stage == "warmup":
             self._run_warmup()
+            if self.spec.eval.after_warmup:
+                self._eval_point("warmup")
             self._advance("distill")
         if self.stage == "distill":
+            every = self.spec.eval.every_steps
             while self.step < self.spec.distill.steps:
                 self._emit(self._distill_step())
+                if every and self.step % every == 0 and self.step < self.spec.distill.steps:
+                    self._eval_point("distill")
                 self._maybe_checkpoint()
             self._advance("done")
         summary = {"stage": self.stage, "non_finite_total": self.non_finite_total,
@@ -235,6 +242,25 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         return summary
+
+    def _eval_point(self, point: str) -> None:
+        """Student-only evaluation in the middle of a run, emitted as a metrics event of stage
+        "eval" (`point` before / warmup / distill); its step is the optimizer step counted over
+        both stages, so every point of a run has its own event key."""
+        if not (self.spec.eval.enabled and self.eval_set):
+            return
+        with self._full_weights():
+            if not self.is_main:
+                return
+            e = self.spec.eval
+            result = evaluate(student_generator(self.model, max_new_tokens=e.max_new_tokens, eos_id=self.eos_id),
+                              self.eval_set, self.tokenizer, batch_size=e.batch_size, max_samples=e.max_samples,
+                              num_samples_kept=0)
+        warmup_steps = self.spec.warmup.steps if self.spec.warmup.enabled else 0
+        distill_step = self.step if point == "distill" else 0
+        self._emit({"stage": "eval", "point": point, "distill_step": distill_step,
+                    "step": 0 if point == "before" else warmup_steps + distill_step,
+                    "n": result.n, "exact_match": result.exact_match, "rouge_l": result.rouge_l})
 
     def _advance(self, stage: str) -> None:
         """Stage boundary: fresh optimizer for the next stage, and a checkpoint."""

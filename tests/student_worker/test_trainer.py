@@ -107,6 +107,46 @@ def test_warmup_then_distill_with_stage_boundary_checkpoints(make_spec):
     assert names == ["distill-00000000", "done-00000000"]
 
 
+def test_eval_points_before_after_warmup_and_during_kd_are_events_with_their_own_steps(make_spec):
+    spec = make_spec(warmup={"enabled": True, "steps": 3}, distill={"steps": 4},
+                     eval={"enabled": True, "teacher": False, "before": True, "after_warmup": True, "every_steps": 2})
+    seen = []
+    trainer, summary = run(spec, on_metrics=seen.append)
+    evals = [m for m in seen if m["stage"] == "eval"]
+    # before (step 0), after warmup (step 3), KD step 2 (step 5); KD step 4 is the final eval.
+    assert [(m["point"], m["step"], m["distill_step"]) for m in evals] == [
+        ("before", 0, 0), ("warmup", 3, 0), ("distill", 5, 2)]
+    for m in evals:
+        assert m["n"] == 4 and 0 <= m["exact_match"] <= 1 and 0 <= m["rouge_l"] <= 1
+    # Evaluating is read-only: the final eval equals one made now, with the same weights.
+    from student_worker.eval import evaluate_models
+
+    again = evaluate_models(trainer.model, None, trainer.eval_set, trainer.tokenizer, spec.eval, trainer.eos_id)
+    assert again["student"]["exact_match"] == summary["eval"]["student"]["exact_match"]
+    assert summary["last"]["stage"] == "distill"
+
+
+def test_eval_points_are_not_repeated_by_a_resumed_run(make_spec):
+    spec = make_spec(distill={"steps": 4}, checkpoint={"every_steps": 2},
+                     eval={"enabled": True, "teacher": False, "before": True, "every_steps": 1})
+    first = []
+    trainer = Trainer(spec, build_teacher(spec.teacher), on_metrics=first.append)
+    trainer.setup()
+    with pytest.raises(_Stop):
+        trainer.on_metrics = lambda m: first.append(m) or (_raise() if m.get("step") == 3 and m["stage"] == "distill" else None)
+        trainer.train()
+    trainer.cleanup()
+    resumed = []
+    run(spec, on_metrics=resumed.append)
+    assert [m["point"] for m in first if m["stage"] == "eval"] == ["before", "distill", "distill"]
+    # Resumed from the step-2 checkpoint: no second "before"; KD step 3 again; step 4 is the final eval.
+    assert [(m["point"], m["distill_step"]) for m in resumed if m["stage"] == "eval"] == [("distill", 3)]
+
+
+def _raise():
+    raise _Stop()
+
+
 def test_resume_repeats_an_uninterrupted_run_exactly(make_spec, tmp_path):
     """R-40: kill mid-run, resume: same per-step losses, data order and final weights."""
     common = dict(warmup={"enabled": True, "steps": 2}, distill={"steps": 6, "on_policy_fraction": 0.5},
