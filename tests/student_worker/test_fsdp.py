@@ -23,6 +23,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import student_worker.trainer as trainer_mod
 from student_worker.checkpoint import CheckpointManager, CheckpointRef
 from student_worker.config import JobSpec
 from student_worker.trainer import Trainer, build_teacher
@@ -50,6 +51,14 @@ def _run_job(job: dict, rank: int, out: Path) -> None:
         path = Path(job["resume_from"])
         stage, _, step = path.name.rpartition("-")
         resume = CheckpointRef(path, stage, int(step))
+    real_loss, calls = trainer_mod.distill_loss, [0]
+
+    def flaky_loss(*args, **kwargs):  # NaN at the job's nan_on_rank1_call-th loss of rank 1
+        calls[0] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if rank == 1 and calls[0] == job.get("nan_on_rank1_call") else loss
+
+    trainer_mod.distill_loss = flaky_loss
     trainer = Trainer(spec, build_teacher(spec.teacher), rank=rank, world=WORLD, on_metrics=on_metrics)
     summary, resumed_from = None, None
     try:
@@ -62,6 +71,7 @@ def _run_job(job: dict, rank: int, out: Path) -> None:
         summary = trainer.train()
     finally:
         trainer.cleanup()
+        trainer_mod.distill_loss = real_loss
     (out / f"{job['name']}-r{rank}.json").write_text(json.dumps(
         {"metrics": seen, "summary": summary, "resumed_from": resumed_from, "sharded": trainer.sharded},
         default=str))
@@ -85,6 +95,7 @@ def two_rank_runs(make_spec_module, tmp_path_factory):
                 checkpoint={"every_steps": 2, "keep_last": 5})
     warm = dict(warmup={"enabled": True, "steps": 2}, distill={"steps": 2, "grad_clip": 0.0},
                 checkpoint={"every_steps": 100}, eval={"enabled": True})
+    nan = dict(distill={"steps": 3, "grad_clip": 0.0, "on_policy_fraction": 0.0}, checkpoint={"every_steps": 100})
 
     def spec(name: str, strategy: str, **sections) -> str:
         sections["checkpoint"] = {**sections.get("checkpoint", {}), "dir": str(root / name)}
@@ -99,6 +110,8 @@ def two_rank_runs(make_spec_module, tmp_path_factory):
          "resume_from": str(ckpt).format("ddp")},
         {"name": "ddp_from_fsdp", "spec": spec("ddp_from_fsdp", "ddp", **base),
          "resume_from": str(ckpt).format("fsdp")},
+        {"name": "fsdp_nan", "spec": spec("fsdp_nan", "fsdp", **nan), "nan_on_rank1_call": 2},
+        {"name": "ddp_nan", "spec": spec("ddp_nan", "ddp", **nan), "nan_on_rank1_call": 2},
         {"name": "fsdp_warmup", "spec": spec("fsdp_warmup", "fsdp", **warm)},
         {"name": "ddp_warmup", "spec": spec("ddp_warmup", "ddp", **warm)},
         {"name": "fsdp_after_warmup", "spec": spec("fsdp_after_warmup", "fsdp", **warm),
@@ -222,6 +235,20 @@ def test_warmup_dpo_under_fsdp_matches_ddp(two_rank_runs):
                                                      if k[0] == "distill"}
     for k, v in weights("fsdp_after_warmup").items():
         assert torch.equal(v, b[k]), k
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_all(two_rank_runs):
+    """Under fsdp the rank with the NaN still joins the backward's collectives (no hang); every
+    rank skips that step, and the run ends where ddp's does with the same NaN."""
+    result, weights, _ = two_rank_runs
+    for rank in range(WORLD):
+        fsdp, ddp = result("fsdp_nan", rank), result("ddp_nan", rank)
+        assert [m["skipped"] for m in fsdp["metrics"]] == [False, True, False]
+        assert fsdp["summary"]["non_finite_total"] == 1
+        assert [m["skipped"] for m in ddp["metrics"]] == [False, True, False]
+    a, b = weights("fsdp_nan"), weights("ddp_nan")
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_fsdp_refuses_the_replica_check(make_spec):
