@@ -218,6 +218,8 @@ def supervise(state_dir: Path, api_port: int, dashboard_port: int, teacher_model
     state_path = state_dir / STATE_FILE
     try:
         sup.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # ray.init replaced them with a bare sys.exit
+            signal.signal(sig, lambda *_: stop.set())
         while not stop.wait(0.5):
             if not sup.restart_dead():
                 print("stack: a service keeps failing; stopping", file=sys.stderr, flush=True)
@@ -267,6 +269,11 @@ def up(state_dir: Path, *, api_port: int = 8000, dashboard_port: int = 8265, tea
 
 
 def _alive(pid: int) -> bool:
+    try:  # our own child (the demo starts and stops the stack in one process): reap it when done
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
