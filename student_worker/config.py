@@ -171,7 +171,7 @@ class JobSpec(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    log_every: int = Field(1, ge=1, le=100_000, description="Print metrics every N optimizer steps.")
+    log_every: int = Field(1, ge=1, le=100_000, description="Print metrics, and report them to Ray Train, every N optimizer steps.")
 
     @model_validator(mode="after")
     def _coherent(self) -> "JobSpec":

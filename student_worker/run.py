@@ -91,7 +91,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def on_metrics(m: dict[str, Any]) -> None:
         ray_metrics.record(m)
         sink.emit({"kind": "metrics", "rank": rank, "pid": os.getpid(), "job_id": job_id, **m})
-        if "loss" in m:  # every rank reports every step, so Ray Train's report barrier lines up
+        # Every rank reports at the same steps, so Ray Train's report barrier lines up. A report is
+        # a round trip through Ray Train's controller (about a second or two on a small machine),
+        # so only every log_every-th step is reported; the event sink still gets every step.
+        if "loss" in m and m["step"] % spec.log_every == 0:
             ray.train.report({k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))})
 
     def on_checkpoint(ref, info: dict[str, Any]) -> None:
