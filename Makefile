@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test demo proto bench clean
+.PHONY: install test demo proto bench bench-quality clean
 
 install: $(STAMP)
 
@@ -22,13 +22,18 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VENV)/bin/distillery teacher demo
+	$(VENV)/bin/distillery demo
 
 proto: $(STAMP)
 	$(PY) proto/generate.py
 
 bench: $(STAMP)
 	$(PY) bench/teacher_bench.py
+
+# What each loss, the warmup and λ do to the built-in student (docs/quality.md); TRL is a bench extra.
+bench-quality: $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -28,14 +28,14 @@ import torch
 from student_worker.data import arithmetic_rows
 
 
-def trl_config(out_dir: Path, args: argparse.Namespace, steps: int):
+def trl_config(out_dir: Path, args: argparse.Namespace, steps: int, seed: int = 0):
     """DistillationConfig matched to `train_bench.spec_for`: batch, max_new_tokens, λ = 1 (TRL's
     only mode), JSD β = 0.5, temperature 1 for sampling and loss, constant LR, AdamW, clip 1.0,
     fp32 on CPU, no gradient checkpointing (TRL turns it on by default; we never recompute)."""
     from trl import DistillationConfig
 
     return DistillationConfig(
-        output_dir=str(out_dir), use_cpu=True, bf16=False, seed=0,
+        output_dir=str(out_dir), use_cpu=True, bf16=False, seed=seed,
         max_steps=steps, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
         beta=0.5, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
@@ -103,7 +103,7 @@ def _step_recorder(trainer) -> tuple[list[dict[str, Any]], Any]:
 
 
 def run_trl(student_dir: Path, teacher_dir: Path, prompts: list[str], out_dir: Path,
-            args: argparse.Namespace, steps: int) -> tuple[list[dict[str, Any]], torch.nn.Module]:
+            args: argparse.Namespace, steps: int, seed: int = 0) -> tuple[list[dict[str, Any]], torch.nn.Module]:
     """Train `steps` TRL distillation steps; per-step metrics and the trained student."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -113,7 +113,7 @@ def run_trl(student_dir: Path, teacher_dir: Path, prompts: list[str], out_dir: P
     student = AutoModelForCausalLM.from_pretrained(str(student_dir), dtype=torch.float32)
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
     trainer = _timed_trainer_class()(
-        model=student, teacher_model=teacher, args=trl_config(out_dir, args, steps),
+        model=student, teacher_model=teacher, args=trl_config(out_dir, args, steps, seed),
         train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]), processing_class=tokenizer)
     trainer.remove_callback(PrinterCallback)
     metrics, recorder = _step_recorder(trainer)

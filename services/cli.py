@@ -1,5 +1,6 @@
 """The `distillery` command.
 
+    distillery demo                         # the main job, end to end on the built-in task
     distillery up [--teacher-model DIR]     # the whole stack on this machine; `distillery down`
     distillery submit job.yaml --follow     # submit over REST and watch it
     distillery jobs | status ID | cancel ID | logs ID
@@ -18,7 +19,10 @@ from typing import Optional
 
 import typer
 
+from services.demo import DemoJob as _DemoJob
 from teacher_server.serve import DEFAULT_PORT
+
+DEMO_DEFAULTS = _DemoJob()
 
 app = typer.Typer(help="Distillery: on-policy knowledge distillation as a service.",
                   no_args_is_help=True, add_completion=False)
@@ -296,6 +300,33 @@ def train(
         finally:
             trainer.cleanup()
     progress.report(summary, spec.checkpoint.dir)
+
+
+@app.command("demo")
+def demo(
+    runs_dir: Path = typer.Option(Path("runs"), help="Where the demo job's run directory goes."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where the built-in teacher and student are cached "
+                                             "(default ~/.cache/distillery/builtin)."),
+    distill_steps: int = typer.Option(DEMO_DEFAULTS.distill_steps, min=1, help="KD steps of the demo job."),
+    warmup_steps: int = typer.Option(DEMO_DEFAULTS.warmup_steps, min=1, help="Warmup-Distill steps of the demo job."),
+    state_dir: Optional[Path] = typer.Option(None, help="State directory of the demo's own stack "
+                                             "(default ~/.cache/distillery/demo-stack)."),
+    quick: bool = typer.Option(False, "--quick", help="Barely trained models and a few steps: checks that "
+                               "every part works in about a minute, shows nothing about quality."),
+) -> None:
+    """Distill the built-in teacher into the built-in student through the whole stack, with a report."""
+    from services import demo as demo_mod
+
+    job = demo_mod.DemoJob(distill_steps=distill_steps, warmup_steps=warmup_steps)
+    recipe = None
+    if quick:
+        from student_worker.builtin import quick_recipe
+
+        job, recipe = demo_mod.QUICK_JOB, quick_recipe()
+    try:
+        demo_mod.run(job=job, recipe=recipe, runs_dir=runs_dir, cache_dir=cache_dir, state_dir=state_dir)
+    except (RuntimeError, KeyboardInterrupt) as exc:
+        _fail(exc if isinstance(exc, RuntimeError) else RuntimeError("interrupted"))
 
 
 @teacher_app.command("demo")
