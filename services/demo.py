@@ -202,6 +202,8 @@ def run(*, job: DemoJob = DemoJob(), runs_dir: Path = Path("runs"), cache_dir: P
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ["DISTILLERY_MODEL_ROOTS"] = str(assets.root)
     os.environ["DISTILLERY_DATA_ROOTS"] = str(assets.root)
+    # Keys of its own: with a shared REDIS_URL, the demo's scheduler must not take other jobs.
+    os.environ["DISTILLERY_REDIS_PREFIX"] = "distillery-demo"
     state_dir = state_dir or local.default_state_dir().with_name("demo-stack")
     runs_dir = runs_dir.resolve()
     dashboard_port = 8265 if _port_free(8265) else local.free_port()
