@@ -406,9 +406,10 @@ def assert_ray_cpus_free() -> None:
 
 
 # Long enough to be interrupted: the faults land after the step-10 checkpoint, and a stopped attempt
-# takes a few seconds (lease, stop) to end, at ~0.1-0.2 s a step on two cores.
+# takes a few seconds (lease, stop) to end. Ray Train gets a report every 5th step (each one is a
+# ~2 s round trip through its controller), so a step takes ~0.5 s on two cores.
 STEPS = 60
-LONG = {"distill": {"steps": STEPS}, "checkpoint": {"every_steps": 10}}
+LONG = {"distill": {"steps": STEPS}, "checkpoint": {"every_steps": 10}, "log_every": 5}
 
 
 @pytest.fixture(scope="module")
