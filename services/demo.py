@@ -136,7 +136,7 @@ def plot(follower: Follower, rows: list[tuple[str, float, float]], spec: dict[st
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     if follower.losses["warmup"]:
         xs, ys = zip(*follower.losses["warmup"])
-        left.plot(xs, ys, label="warmup (DPO)")
+        left.plot(xs, ys, label="warmup (DPO + NLL)")
     if follower.losses["distill"]:
         xs, ys = zip(*follower.losses["distill"])
         left.plot([x + offset for x in xs], ys, label="KD (adaptive KL)")
@@ -144,6 +144,9 @@ def plot(follower: Follower, rows: list[tuple[str, float, float]], spec: dict[st
     left.set(xlabel="optimizer step", ylabel="loss", title="training loss")
     left.legend()
     points = sorted((_global_step(e, offset), e["exact_match"]) for e in follower.evals)
+    final = [r for r in rows if r[0] == "student after KD"]
+    if final:  # the end-of-run eval is in the job summary, not an eval event
+        points.append((offset + spec["distill"]["steps"], final[0][1]))
     if points:
         xs, ys = zip(*points)
         right.plot(xs, [100 * y for y in ys], marker="o", label="student")
