@@ -317,7 +317,7 @@ class Scheduler:
         return shlex.join([
             self.python, "-m", "student_worker.run", "--spec", str(run / "spec.json"), "--job-id", held.job_id,
             "--attempt", str(held.attempt), "--events", f"file:{run / 'events.jsonl'}",
-            "--events", events_url(self.settings.redis_url, self.settings.redis_prefix),
+            "--events", events_url(self.settings.redis_url, self.settings.redis_prefix, self.settings.events_max),
         ])
 
     def _mark_running(self, held: Held) -> None:
@@ -439,10 +439,12 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------------- helpers
-def events_url(redis_url: str, prefix: str) -> str:
-    """The worker's Redis event sink: the service's Redis URL with `?prefix=`."""
+def events_url(redis_url: str, prefix: str, max_events: int | None = None) -> str:
+    """The worker's Redis event sink: the service's Redis URL with `?prefix=` (and `max_events=`,
+    the per-job bound of DISTILLERY_EVENTS_MAX, which the worker's sink trims to as well)."""
     parts = urlsplit(redis_url)
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "prefix"] + [("prefix", prefix)]
+    ours = {"prefix": prefix} | ({"max_events": str(max_events)} if max_events is not None else {})
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ours] + list(ours.items())
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 

@@ -79,7 +79,8 @@ class MultiSink:
 
 
 def open_sink(targets: list[str], job_id: str = "", attempt: int = 0) -> EventSink:
-    """`stdout`, `file:PATH` (or a bare path), `redis://...?prefix=P` (the job service's stream)."""
+    """`stdout`, `file:PATH` (or a bare path), `redis://...?prefix=P&max_events=N` (the job
+    service's stream, its key prefix and how many events it keeps per job)."""
     sinks: list[EventSink] = []
     for t in targets:
         if t.startswith(("redis://", "rediss://", "unix://")):
@@ -88,8 +89,9 @@ def open_sink(targets: list[str], job_id: str = "", attempt: int = 0) -> EventSi
             parts = urlsplit(t)
             query = parse_qs(parts.query)
             prefix = query.pop("prefix", ["distillery"])[0]
+            max_events = int(query.pop("max_events", ["10000"])[0])
             url = urlunsplit(parts._replace(query="&".join(f"{a}={b[0]}" for a, b in query.items())))
-            sinks.append(RedisSink(url, job_id, attempt, prefix=prefix))
+            sinks.append(RedisSink(url, job_id, attempt, prefix=prefix, max_events=max_events))
         elif t == "stdout":
             sinks.append(StdoutSink())
         elif t.startswith("file:"):

@@ -350,6 +350,28 @@ def test_events_url_adds_the_prefix():
     assert events_url("redis://h:6379/2", "p") == "redis://h:6379/2?prefix=p"
     assert events_url("rediss://h:6380/0?ssl_cert_reqs=none&prefix=x", "p") == \
         "rediss://h:6380/0?ssl_cert_reqs=none&prefix=p"
+    assert events_url("redis://h:6379/2?max_events=1", "p", 50) == "redis://h:6379/2?prefix=p&max_events=50"
+
+
+def test_the_worker_sink_keeps_the_services_event_bound(redis_url):
+    """DISTILLERY_EVENTS_MAX reaches the worker: its sink trims the job's stream to that many."""
+    import uuid
+
+    from student_worker.events import open_sink
+
+    prefix = f"test-bound-{uuid.uuid4().hex[:8]}"
+    store = JobStore(redis_url, prefix, max_events=5)
+    job_id, _ = store.create({"name": "bound"}, name="bound")
+    sink = open_sink([events_url(redis_url, prefix, 5)], job_id=job_id, attempt=0)
+    assert sink.sinks[0].max_events == 5
+    for step in range(1, 301):
+        sink.emit({"kind": "metrics", "stage": "distill", "step": step, "rank": 0, "loss": 1.0})
+    sink.close()
+    kept = [e["step"] for _, e in store.events(job_id, count=1000) if e.get("kind") == "metrics"]
+    # XADD MAXLEN ~ trims whole stream nodes (100 entries each by default): at least 5 are kept,
+    # at most a node more, always the newest.
+    assert 5 <= len(kept) <= 105 and kept == list(range(301 - len(kept), 301))
+    store.r.delete(*store.r.keys(f"{prefix}*"))
 
 
 # ====================================================================== slow: a real local Ray
