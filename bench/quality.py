@@ -118,44 +118,33 @@ def run_sft_control(assets_root: str, steps: int, batch_size: int, lr: float, se
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from student_worker import builtin
-    from student_worker.data import encode, read_jsonl
-    from student_worker.eval import evaluate, student_generator
     from student_worker.sft import train_sft
 
     assets = builtin.load(Path(assets_root))
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(str(assets.student))
     model = AutoModelForCausalLM.from_pretrained(str(assets.student))
-    spec = builtin.data_spec(assets.train, assets.eval)
-    train = [encode(tokenizer, p, r, spec) for p, r in read_jsonl(assets.train, "prompt", "response")]
-    evals = [encode(tokenizer, p, r, spec) for p, r in read_jsonl(assets.eval, "prompt", "response")]
     if steps:
-        train_sft(model, train, batch_size=batch_size, lr=lr, steps=steps, seed=seed, pad_id=tokenizer.pad_token_id,
-                  warmup_steps=10)
-    result = evaluate(student_generator(model, max_new_tokens=builtin.ANSWER_TOKENS, eos_id=tokenizer.eos_token_id),
-                      evals, tokenizer,
-                      batch_size=100, max_samples=eval_samples)
+        train_sft(model, builtin.examples(assets.train, tokenizer), batch_size=batch_size, lr=lr, steps=steps,
+                  seed=seed, pad_id=tokenizer.pad_token_id, warmup_steps=10)
+    result = builtin.score(model, tokenizer, builtin.examples(assets.eval, tokenizer), eval_samples)
     return {"exact_match": result.exact_match, "rouge_l": result.rouge_l, "seconds": time.monotonic() - started}
 
 
 def run_trl_row(assets_root: str, args: argparse.Namespace, seed: int, out: str) -> dict[str, Any]:
     from trl_baseline import run_trl  # bench/ is on sys.path as the script's directory
+    from transformers import AutoTokenizer
 
     from student_worker import builtin
-    from student_worker.data import encode, read_jsonl
-    from student_worker.eval import evaluate, student_generator
-    from transformers import AutoTokenizer
+    from student_worker.data import read_jsonl
 
     assets = builtin.load(Path(assets_root))
     started = time.monotonic()
     prompts = [p for p, _ in read_jsonl(assets.train, "prompt", "response")]
-    trl_args = argparse.Namespace(batch_size=args.batch_size, max_new_tokens=8, lr=args.lr)
+    trl_args = argparse.Namespace(batch_size=args.batch_size, max_new_tokens=builtin.ANSWER_TOKENS, lr=args.lr)
     _, model = run_trl(assets.student, assets.teacher, prompts, Path(out), trl_args, args.steps, seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(str(assets.student))
-    spec = builtin.data_spec(assets.train, assets.eval)
-    evals = [encode(tokenizer, p, r, spec) for p, r in read_jsonl(assets.eval, "prompt", "response")]
-    result = evaluate(student_generator(model.eval(), max_new_tokens=8, eos_id=tokenizer.eos_token_id), evals,
-                      tokenizer, batch_size=100, max_samples=args.eval_samples)
+    result = builtin.score(model.eval(), tokenizer, builtin.examples(assets.eval, tokenizer), args.eval_samples)
     return {"exact_match": result.exact_match, "rouge_l": result.rouge_l, "seconds": time.monotonic() - started}
 
 

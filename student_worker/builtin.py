@@ -92,6 +92,18 @@ def data_spec(train: Path, eval_path: Path) -> DataSpec:
     return DataSpec(path=str(train), eval_path=str(eval_path), max_prompt_tokens=32, max_response_tokens=16)
 
 
+def examples(path: Path, tokenizer) -> list:
+    """A split of the built-in task, encoded as jobs encode it."""
+    spec = data_spec(path, path)
+    return [encode(tokenizer, p, r, spec) for p, r in read_jsonl(path, "prompt", "response")]
+
+
+def score(model: torch.nn.Module, tokenizer, evals: list, max_samples: int | None = None):
+    """Greedy exact match / ROUGE-L of `model` on `evals`, as the jobs' evaluation computes them."""
+    return evaluate(student_generator(model, max_new_tokens=ANSWER_TOKENS, eos_id=tokenizer.eos_token_id),
+                    evals, tokenizer, batch_size=100, max_samples=max_samples or len(evals))
+
+
 def load(root: Path) -> Assets | None:
     """The cached assets in `root`, or None when they are missing or incomplete."""
     meta = root / "assets.json"
@@ -132,9 +144,7 @@ def _build(recipe: Recipe, out: Path, progress: Progress | None) -> None:
         train_path, eval_path = task.write_splits(out, n_train=recipe.n_train, n_eval=recipe.n_eval, seed=recipe.seed,
                                                   digits=recipe.digits, terms=recipe.terms)
         tokenizer = task.build_tokenizer(out / "tokenizer")
-        spec = data_spec(train_path, eval_path)
-        train = [encode(tokenizer, p, r, spec) for p, r in read_jsonl(train_path, "prompt", "response")]
-        evals = [encode(tokenizer, p, r, spec) for p, r in read_jsonl(eval_path, "prompt", "response")]
+        train, evals = examples(train_path, tokenizer), examples(eval_path, tokenizer)
         scores: dict[str, Any] = {}
         for name, m in (("teacher", recipe.teacher), ("student", recipe.student)):
             model = new_model(tokenizer, hidden=m.hidden, layers=m.layers, heads=m.heads, seed=recipe.seed)
@@ -144,9 +154,7 @@ def _build(recipe: Recipe, out: Path, progress: Progress | None) -> None:
                                on_step=(lambda step, loss, name=name, total=m.steps:
                                         progress(name, step, total, loss)) if progress else None)
             took = time.monotonic() - started
-            result = evaluate(student_generator(model, max_new_tokens=ANSWER_TOKENS,
-                                                eos_id=tokenizer.eos_token_id),
-                              evals, tokenizer, batch_size=100, max_samples=len(evals))
+            result = score(model, tokenizer, evals)
             model.save_pretrained(out / name, safe_serialization=True)
             tokenizer.save_pretrained(out / name)
             scores[name] = {"exact_match": result.exact_match, "rouge_l": result.rouge_l, "n": result.n,
