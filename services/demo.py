@@ -109,7 +109,7 @@ class Follower:
                 self.console.print(f"     {stage} step {ev['step']}/{self.spec[stage]['steps']}: {info}")
 
 
-def report_rows(follower: Follower, summary: dict[str, Any], assets) -> list[tuple[str, float, float]]:
+def report_rows(follower: Follower, summary: dict[str, Any]) -> list[tuple[str, float, float]]:
     """(model, exact match, ROUGE-L) rows of the report table, from the job's own evaluations."""
     final = (summary.get("eval") or {})
     rows = []
@@ -227,11 +227,12 @@ def run(*, job: DemoJob = DemoJob(), runs_dir: Path = Path("runs"), cache_dir: P
             for ev in client.events(job_id):
                 follower.on_event(ev)
         final = client.job(job_id)
-        if final["state"] != "succeeded":
-            raise RuntimeError(f"job {job_id} {final['state']}: {final.get('error') or 'see the job logs'}")
         run_dir = Path(state.runs_dir) / job_id  # the scheduler runs every job in <runs dir>/<job id>
+        if final["state"] != "succeeded":
+            raise RuntimeError(f"job {job_id} {final['state']}: {final.get('error') or 'no error recorded'} "
+                               f"(run directory {run_dir}, service logs {state_dir / 'logs'})")
         summary = final.get("summary") or {}
-        rows = report_rows(follower, summary, assets)
+        rows = report_rows(follower, summary)
         console.print("4/4  report")
         _print_report(console, rows)
         plot(follower, rows, final["spec"], run_dir / "report.png")
@@ -269,7 +270,8 @@ def _write_report(run_dir: Path, rows, follower: Follower, job: dict[str, Any], 
     lines = ["# Distillery demo report", "", f"job `{job['id']}`, {elapsed / 60:.1f} min end to end", "",
              "| model | exact match | ROUGE-L |", "|---|---|---|"]
     lines += [f"| {who} | {em:.1%} | {rl:.3f} |" for who, em, rl in rows]
-    lines += ["", "![loss and accuracy](report.png)", ""]
+    lines += ["", "Greedy answers on the eval split. Each answer is one number, so ROUGE-L (on whitespace",
+              "tokens) equals exact match on this task.", "", "![loss and accuracy](report.png)", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     doc = {"job_id": job["id"], "rows": [{"model": w, "exact_match": e, "rouge_l": r} for w, e, r in rows],
            "evals": follower.evals, "losses": follower.losses, "assets": {"root": str(assets.root),
