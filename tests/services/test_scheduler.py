@@ -114,7 +114,7 @@ def test_a_claimed_job_runs_as_a_ray_job_and_its_success_is_recorded(store, make
     assert shlex.split(submitted["entrypoint"]) == [
         "python", "-m", "student_worker.run", "--spec", f"{run_dir}/spec.json", "--job-id", job_id,
         "--attempt", "1", "--events", f"file:{run_dir}/events.jsonl",
-        "--events", f"{redis_url}?prefix={redis_prefix}"]
+        "--events", f"{redis_url}?prefix={redis_prefix}&max_events=10000"]
     from student_worker.config import JobSpec
 
     written = JobSpec.from_file(run_dir / "spec.json")
