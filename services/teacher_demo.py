@@ -1,7 +1,7 @@
 """`distillery teacher demo`: serve a tiny teacher on loopback and score text through the client.
 
-The full end-to-end demo (jobs, Ray, a trained teacher) replaces this once the job service lands;
-this one shows the teacher contract working over a real gRPC server process.
+This one shows the teacher contract alone, over a real gRPC server process, in seconds; the main
+demo (a trained teacher distilled through the whole stack) is `distillery demo` (services/demo.py).
 """
 
 from __future__ import annotations
