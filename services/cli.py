@@ -186,12 +186,12 @@ def submit(
 
 def _follow(client, job_id: str) -> None:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from services.progress import step_bar
 
     console = Console(stderr=True)
     state = "queued"
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
+    with step_bar(console) as bar:
         task = bar.add_task(f"{job_id} queued", total=None, info="")
         for ev in client.events(job_id):
             if ev.get("kind") == "state":

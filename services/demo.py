@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from services.progress import step_bar
 
 POINTS = (("before", "student before"), ("warmup", "student after warmup"), ("final", "student after KD"))
 
@@ -84,8 +85,7 @@ class Follower:
         self.losses: dict[str, list[tuple[int, float]]] = {"warmup": [], "distill": []}
         self.evals: list[dict[str, Any]] = []
         self.state = "queued"
-        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+        self.bar = step_bar(console)
         self.task = self.bar.add_task("job queued", total=None, info="")
 
     def on_event(self, ev: dict[str, Any]) -> None:
@@ -181,8 +181,7 @@ def run(*, job: DemoJob = DemoJob(), runs_dir: Path = Path("runs"), cache_dir: P
     started = time.monotonic()
     console.rule("[bold]Distillery demo")
     console.print("1/4  the built-in teacher and SFT student (trained once, then cached)")
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console) as bar:
+    with step_bar(console) as bar:
         tasks: dict[str, Any] = {}
 
         def on_step(what: str, step: int, total: int, loss: float) -> None:

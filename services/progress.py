@@ -11,13 +11,17 @@ from rich.table import Table
 from student_worker.config import JobSpec
 
 
+def step_bar(console: Console) -> Progress:
+    """The one progress-bar layout of the CLI: description, bar, n/total, an info field, time."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+
+
 class TrainProgress:
     def __init__(self, spec: JobSpec) -> None:
         self.spec = spec
         self.console = Console(stderr=True)
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                 console=self.console, transient=False)
+        self.progress = step_bar(self.console)
         self.tasks: dict[str, int] = {}
 
     def __enter__(self) -> "TrainProgress":

@@ -42,7 +42,7 @@ from . import warmup as warmup_mod
 from .checkpoint import CheckpointManager, CheckpointRef
 from .config import JobSpec, TeacherSpec
 from .data import Example, ShardedOrder, load_splits
-from .eval import evaluate, evaluate_models, student_generator
+from .eval import evaluate_models
 from .losses import distill_loss
 from .rollout import mismatch_metrics, sample_responses, score_batch, student_logits, teacher_responses
 
@@ -252,15 +252,13 @@ class Trainer:
         with self._full_weights():
             if not self.is_main:
                 return
-            e = self.spec.eval
-            result = evaluate(student_generator(self.model, max_new_tokens=e.max_new_tokens, eos_id=self.eos_id),
-                              self.eval_set, self.tokenizer, batch_size=e.batch_size, max_samples=e.max_samples,
-                              num_samples_kept=0)
+            result = evaluate_models(self.model, None, self.eval_set, self.tokenizer, self.spec.eval,
+                                     self.eos_id)["student"]
         warmup_steps = self.spec.warmup.steps if self.spec.warmup.enabled else 0
         distill_step = self.step if point == "distill" else 0
         self._emit({"stage": "eval", "point": point, "distill_step": distill_step,
                     "step": 0 if point == "before" else warmup_steps + distill_step,
-                    "n": result.n, "exact_match": result.exact_match, "rouge_l": result.rouge_l})
+                    "n": result["n"], "exact_match": result["exact_match"], "rouge_l": result["rouge_l"]})
 
     def _advance(self, stage: str) -> None:
         """Stage boundary: fresh optimizer for the next stage, and a checkpoint."""
