@@ -2,8 +2,9 @@
 
 Layout under `<run dir>/checkpoints/`:
 
-    <stage>-<step:08d>/            a loadable model directory
+    <stage>-<step:08d>/            a model directory AutoModelForCausalLM and AutoTokenizer load
         config.json, model.safetensors, generation_config.json   weights (safetensors)
+        tokenizer.json, tokenizer_config.json, ...               the student's tokenizer
         state.pt                   optimizer, scheduler, RNG, data position, counters
                                    (plain tensors and containers: loaded with weights_only=True)
         spec.json                  the job spec that produced it
@@ -14,6 +15,9 @@ A checkpoint is written into a temporary directory, every file fsynced, the dire
 into place, the parent fsynced, and only then does `latest` move (temp file + rename), so a crash
 at any point leaves the previous checkpoint intact and pointed to (R-41). Loading verifies the
 manifest and falls back to the previous checkpoint on a mismatch (R-42).
+
+Files are 0644 and directories 0755 whatever the process umask: a teacher server or an eval job
+running as another user of a shared volume must be able to read them.
 """
 
 from __future__ import annotations
@@ -65,12 +69,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+FILE_MODE, DIR_MODE = 0o644, 0o755
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename (never seen half written), mode 0644."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with tmp.open("w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    tmp.chmod(FILE_MODE)
     tmp.replace(path)
     _fsync_dir(path.parent)
 
@@ -81,28 +90,35 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     def save(self, model: torch.nn.Module, state: dict[str, Any], spec_json: str, *, stage: str,
-             step: int) -> CheckpointRef:
-        """Write one checkpoint atomically and move `latest` to it; prune old ones."""
+             step: int, tokenizer: Any = None) -> CheckpointRef:
+        """Write one checkpoint atomically and move `latest` to it; prune old ones. With
+        `tokenizer`, its files are saved beside the weights."""
         self.root.mkdir(parents=True, exist_ok=True)
+        for d in (self.root.parent, self.root):
+            d.chmod(DIR_MODE)
         name = f"{stage}-{step:08d}"
         final = self.root / name
         tmp = self.root / f".{name}.{uuid.uuid4().hex}.tmp"
         tmp.mkdir()
         model.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         torch.save(state, tmp / "state.pt")
         (tmp / "spec.json").write_text(spec_json)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         manifest = {"stage": stage, "step": step, "files": {f: _sha256(tmp / f) for f in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         for p in tmp.iterdir():
+            p.chmod(FILE_MODE)
             with p.open("rb") as f:
                 os.fsync(f.fileno())
+        tmp.chmod(DIR_MODE)
         _fsync_dir(tmp)
         if final.exists():  # a re-run of the same step after a crash: replace it whole
             shutil.rmtree(final)
         tmp.rename(final)
         _fsync_dir(self.root)
-        _write_text_atomic(self.root / "latest", name)
+        write_text_atomic(self.root / "latest", name)
         self._prune()
         return CheckpointRef(final, stage, step)
 

@@ -10,6 +10,7 @@ service checks them against its configured roots before a job is accepted.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -23,10 +24,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
+
+
 class StudentSpec(_Strict):
     model: str = Field(description="Local model directory of the student (config.json + safetensors).")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Training dtype of the weights.")
+    precision: Precision = Field(
+        "fp32", description="fp32: everything in float32. bf16-mixed / fp16-mixed: float32 master weights and "
+                            "optimizer state, forwards (sampling, student, DPO reference, eval) under bf16 / fp16 "
+                            "autocast, log-softmax and losses in float32; fp16 adds a gradient scaler. bf16-true: "
+                            "bfloat16 weights and optimizer state (half the memory; small updates round away).")
     device: str = Field("cpu", max_length=32, description="cpu, cuda or cuda:N (Ray sets it per worker).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dtype(cls, data):
+        if isinstance(data, dict) and "dtype" in data:
+            raise ValueError("student.dtype was replaced by student.precision: fp32, bf16-mixed (float32 master "
+                             "weights, bf16 compute; what `dtype: bfloat16` should have been) or bf16-true "
+                             "(bfloat16 weights, the old `dtype: bfloat16`)")
+        return data
 
 
 class TeacherActorSpec(_Strict):
@@ -94,7 +111,8 @@ class WarmupSpec(_Strict):
 
 class DistillSpec(_Strict):
     loss: LossName = Field("fkl", description="Divergence between teacher p and student q.")
-    alpha: float = Field(0.1, ge=0, le=1, description="Skew α of skew_fkl / skew_rkl.")
+    alpha: float = Field(0.1, ge=0, lt=1, description="Skew α of skew_fkl / skew_rkl, in [0, 1): at 1 the "
+                                                     "divergence is 0 whatever the student does.")
     beta: float = Field(0.5, ge=0, le=1, description="β of generalized JSD (0 → FKL, 1 → RKL).")
     mu: float = Field(0.5, gt=0, le=1, description="AKL head/tail split: cumulative teacher mass of the head.")
     temperature: float = Field(1.0, gt=0, le=10, description="Temperature of both distributions in the loss.")
@@ -179,6 +197,9 @@ class JobSpec(_Strict):
             raise ValueError("warmup.rule teacher_prob compares a probability: threshold must be in (0, 1)")
         if self.warmup.rule == "prob_diff" and not -1 < self.warmup.threshold < 1:
             raise ValueError("warmup.rule prob_diff compares probabilities: threshold must be in (-1, 1)")
+        if self.student.precision == "fp16-mixed" and self.resources.strategy == "fsdp":
+            raise ValueError("student.precision fp16-mixed needs a gradient scaler that sees every rank's "
+                             "gradients; with resources.strategy fsdp use bf16-mixed")
         return self
 
     @classmethod
@@ -191,3 +212,50 @@ class JobSpec(_Strict):
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
+
+
+# Fields that may change between a checkpoint and the run resuming from it: where things run and
+# how often the run reports, never what it computes. Prefixes of dotted field paths.
+RESUME_SAFE = (
+    "name", "log_every", "eval.", "checkpoint.dir", "checkpoint.every_steps", "checkpoint.keep_last",
+    "student.device", "teacher.", "resources.max_failures", "resources.storage_path",
+    "resources.check_replicas_every", "resources.strategy", "resources.cpus_per_worker",
+    "resources.gpus_per_worker",
+)
+
+
+def _flatten(doc: object, prefix: str = "") -> dict[str, object]:
+    if isinstance(doc, dict):
+        out: dict[str, object] = {}
+        for key, value in doc.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: doc}
+
+
+@dataclass(frozen=True)
+class SpecChange:
+    field: str
+    saved: object
+    current: object
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.saved!r} -> {self.current!r}"
+
+
+def resume_changes(saved: dict, current: JobSpec) -> tuple[list[SpecChange], list[SpecChange]]:
+    """Compare the spec saved with a checkpoint (its JSON document) with the spec about to resume.
+
+    Returns (breaking, harmless): changes that would make the resumed run differ from an
+    uninterrupted run of the saved spec (model, loss, data, batch, seed, steps...), and changes
+    `RESUME_SAFE` allows (eval and log cadence, where the teacher runs...). A field only one side
+    has counts as a change with the other side None.
+    """
+    old, new = _flatten(saved), _flatten(current.model_dump(mode="json"))
+    breaking, harmless = [], []
+    for key in sorted(old.keys() | new.keys()):
+        if old.get(key) != new.get(key):
+            change = SpecChange(key, old.get(key), new.get(key))
+            safe = any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUME_SAFE)
+            (harmless if safe else breaking).append(change)
+    return breaking, harmless

@@ -1,54 +1,137 @@
-"""The few collective operations the trainer needs, as no-ops when it runs alone.
+"""The trainer's collectives, on the device the process group serves; no-ops when it runs alone.
+
+    comm = Comm.current()              # after init_process_group (Ray Train does it), else 1 rank
+    comm.all_true(bool(torch.isfinite(loss)))
+    comm.average_gradients(list(model.parameters()))
+
+Every collective the trainer makes goes through one `Comm`, which moves its tensors to
+`comm.device` first. That device is read from the process group's backends: NCCL serves only
+`cuda` tensors (a CPU tensor there raises "No backend type associated with device type cpu"),
+gloo serves `cpu`. The tests run 2 ranks whose default group is registered for `cuda` only and
+give the trainer a CPU group through its `Comm`, so any collective that bypasses it fails.
 
 Data parallelism is DDP's contract done by hand: every rank computes gradients on its own shard,
-then one flat all-reduce per optimizer step averages them, so every rank applies the same update
-and the replicas stay identical. One flat buffer per step (instead of DDP's per-bucket hooks)
-also means gradient accumulation and skipped non-finite steps need no special casing: ranks
-agree on "was every loss finite" first, and only then average and step.
+then once per optimizer step the gradients are averaged in buckets of at most `BUCKET_BYTES`
+(bounded extra memory, as DDP's buckets), so every rank applies the same update and the replicas
+stay identical. Reducing once per step (instead of DDP's hooks during the backward) means gradient
+accumulation and skipped non-finite steps need no special casing: ranks first agree on "was every
+loss finite", and only then average and step. What it gives up is the overlap of communication
+with the backward; `docs/training.md` has the measured share and why that is the right trade here.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+BUCKET_BYTES = 64 << 20  # gradient bytes reduced per collective
 
 
-def all_true(flag: bool) -> bool:
-    """True on every rank iff `flag` is true on every rank."""
-    if world_size() == 1:
-        return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return int(t) == 0
+def device_for_backends(config: str) -> torch.device:
+    """The device collectives must use, from a backend config such as "cpu:gloo,cuda:nccl".
+
+    CPU when some backend serves `cpu` tensors, else the first device type named (cuda for nccl),
+    at the current index when that accelerator is present.
+    """
+    types = [part.split(":", 1)[0].strip() for part in config.split(",") if ":" in part]
+    if not types:  # a bare backend name; torch maps gloo to cpu and nccl to cuda
+        types = ["cuda" if config.strip() == "nccl" else "cpu"]
+    if "cpu" in types:
+        return torch.device("cpu")
+    kind = types[0]
+    module = getattr(torch, kind, None)
+    if module is not None and hasattr(module, "is_available") and module.is_available():
+        return torch.device(kind, module.current_device())
+    return torch.device(kind)
 
 
-def sum_int(x: int) -> int:
-    if world_size() == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return int(t)
+@dataclass(frozen=True)
+class Comm:
+    """One process group (None: the default one) and the device its collectives run on."""
+
+    group: dist.ProcessGroup | None = None
+    device: torch.device = torch.device("cpu")
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> "Comm":
+        """The default process group when one is initialized, else a single rank."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        return cls(None, device_for_backends(dist.get_backend_config()), dist.get_world_size())
+
+    @classmethod
+    def of_group(cls, group: dist.ProcessGroup) -> "Comm":
+        return cls(group, device_for_backends(dist.get_backend_config(group)), dist.get_world_size(group))
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group) if self.world > 1 else 0
+
+    def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        t = t.to(self.device)
+        dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+    def all_true(self, flag: bool) -> bool:
+        """True on every rank iff `flag` is true on every rank."""
+        if self.world == 1:
+            return flag
+        return int(self._all_reduce(torch.tensor([0 if flag else 1], dtype=torch.int64))) == 0
+
+    def sum_int(self, x: int) -> int:
+        if self.world == 1:
+            return x
+        return int(self._all_reduce(torch.tensor([x], dtype=torch.int64)))
+
+    def sum_floats(self, values: list[float]) -> list[float]:
+        """Elementwise sums over ranks (float64), e.g. metrics to report once for the job."""
+        if self.world == 1:
+            return list(values)
+        return self._all_reduce(torch.tensor(values, dtype=torch.float64)).cpu().tolist()
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace each gradient by its mean over ranks (missing gradients count as zeros)."""
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for bucket in _buckets([p.grad for p in params]):
+            flat = self._all_reduce(torch.cat([g.reshape(-1) for g in bucket]))
+            flat /= self.world
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    def replicas_agree(self, model: torch.nn.Module) -> bool:
+        """True when every rank holds bit-identical weights."""
+        if self.world == 1:
+            return True
+        mine = torch.frombuffer(bytearray(bytes.fromhex(weights_digest(model))), dtype=torch.uint8)
+        mine = mine.to(torch.int64).to(self.device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(gathered, mine, group=self.group)
+        return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Replace each gradient by its mean over ranks (missing gradients count as zeros)."""
-    n = world_size()
-    if n == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= n
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+def _buckets(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive gradients of one dtype and device, about BUCKET_BYTES a bucket."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for g in grads:
+        nbytes = g.numel() * g.element_size()
+        if out and out[-1][0].dtype == g.dtype and out[-1][0].device == g.device and size + nbytes <= BUCKET_BYTES:
+            out[-1].append(g)
+            size += nbytes
+        else:
+            out.append([g])
+            size = nbytes
+    return out
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -58,12 +141,3 @@ def weights_digest(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def replicas_agree(model: torch.nn.Module) -> bool:
-    """True when every rank holds bit-identical weights."""
-    if world_size() == 1:
-        return True
-    digests: list[str | None] = [None] * world_size()
-    dist.all_gather_object(digests, weights_digest(model))
-    return len(set(digests)) == 1

@@ -1,6 +1,6 @@
 """FSDP: the student sharded over the workers, for students that do not fit one device.
 
-    model = shard(load_student(path, dtype, "cpu"), device)  # every rank, after init_process_group
+    model = shard(load_student(path, precision, "cpu"), device)  # every rank, after init_process_group
     with full_params(model):                                 # every rank enters and leaves together
         responses = sample_responses(model, ...)             # plain forwards inside: no collectives
     model_to_save, optim_state = full_checkpoint(model, optimizer)  # every rank; full copies on rank 0
@@ -42,7 +42,7 @@ import torch.distributed as torch_dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 # Gathered to rank 0 on the CPU; the other ranks get empty dicts.
@@ -60,13 +60,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard(model: nn.Module, device: str) -> nn.Module:
-    """Shard `model` (weights anywhere, e.g. loaded on the CPU) over all ranks and move each
-    rank's shard to `device`. Every rank calls this together, with the same weights."""
+def shard(model: nn.Module, device: str, group: torch_dist.ProcessGroup | None = None) -> nn.Module:
+    """Shard `model` (weights anywhere, e.g. loaded on the CPU) over the ranks of `group` (None:
+    the default group) and move each rank's shard to `device`. Every rank calls this together,
+    with the same weights."""
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is not None:
         torch.cuda.set_device(dev)
-    mesh = init_device_mesh(dev.type, (torch_dist.get_world_size(),))
+    mesh = (init_device_mesh(dev.type, (torch_dist.get_world_size(),)) if group is None
+            else DeviceMesh.from_group(group, dev.type))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=False)  # the backward needs the root at once

@@ -74,6 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec = JobSpec.model_validate_json(config["spec"])
     if spec.resources.gpus_per_worker > 0:
         device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)  # NCCL's collectives and object transfers use the current device
         spec = spec.model_copy(update={"student": spec.student.model_copy(update={"device": str(device)})})
     if config["teacher_endpoints"]:
         spec = spec.model_copy(update={"teacher": spec.teacher.model_copy(

@@ -5,18 +5,28 @@
     summary = trainer.train()  # (warmup) -> distill -> eval, checkpoints at every stage boundary
     trainer.cleanup()
 
-Phases of one distill step (`_distill_step`), repeated `grad_accum` times before the update:
-  1. take B prompts from this rank's shard;
-  2. with probability λ the student samples the responses, else they come from the data set or
-     the teacher (SeqKD); the coin and the sampler are seeded from (seed, stage, step, micro, rank);
-  3. teacher.score on prompt + response from len(prompt), top-k (or full rows);
-  4. student forward, the chosen divergence on the response positions;
-  5. backward; then clip, optimizer and LR step, unless any loss was non-finite (skipped, counted).
-All randomness comes from those seeds, and the data position, optimizer, scheduler and counters
-are checkpointed, so a resumed run repeats an uninterrupted one step for step (R-40).
+Phases of one distill step (`_distill_step`):
+  1. for each of the `grad_accum` micro-batches: take B prompts from this rank's shard; with
+     probability λ the student samples the responses, else they come from the data set or the
+     teacher (SeqKD) (the coin and the sampler are seeded from (seed, stage, step, micro, rank));
+     teacher.score on prompt + response from len(prompt), top-k (or full rows);
+  2. the step's loss tokens are counted over every micro-batch and every rank (one collective);
+  3. for each micro-batch: student forward, the chosen divergence summed over its response
+     positions and divided by that global count, backward; so every token of the optimizer step
+     weighs the same, however the tokens fall into micro-batches and ranks;
+  4. gradients averaged over ranks, clip, optimizer and LR step, unless any loss was non-finite
+     (skipped on every rank, counted).
+All randomness comes from those seeds, and the data position, optimizer, scheduler, gradient
+scaler and counters are checkpointed, so a resumed run repeats an uninterrupted one step for step
+(R-40).
+
+Precision (`student.precision`): the weights and AdamW state stay float32 under the mixed
+settings; the student's forwards (sampling, the training forward, the DPO reference, eval) run
+under autocast, the log-softmax and losses in float32; fp16 scales the loss (GradScaler).
 
 Ranks are data-parallel: with `resources.strategy` ddp each holds the whole student and gradients
 are averaged by hand (`distributed.py`); with fsdp the student is sharded over them (`fsdp.py`).
+Every collective goes through `self.comm`, on the device its process group serves.
 """
 
 from __future__ import annotations
@@ -36,14 +46,14 @@ import torch
 from teacher_server.contract import Teacher
 from teacher_server.engine import check_model_dir, tokenizer_fingerprint
 
-from . import distributed as dist
 from . import fsdp
 from . import warmup as warmup_mod
-from .checkpoint import CheckpointManager, CheckpointRef
-from .config import JobSpec, TeacherSpec
+from .checkpoint import CheckpointManager, CheckpointRef, write_text_atomic
+from .config import JobSpec, TeacherSpec, resume_changes
+from .distributed import Comm
 from .data import Example, ShardedOrder, load_splits
 from .eval import evaluate_models
-from .losses import distill_loss
+from .losses import token_divergence
 from .rollout import mismatch_metrics, sample_responses, score_batch, student_logits, teacher_responses
 
 log = logging.getLogger(__name__)
@@ -86,20 +96,33 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable
     return f
 
 
-def load_student(path: str | Path, dtype: str, device: str) -> torch.nn.Module:
+def load_student(path: str | Path, precision: str, device: str) -> torch.nn.Module:
+    """The student's weights: float32 masters unless `precision` is bf16-true."""
     from transformers import AutoModelForCausalLM
 
     check_model_dir(path)
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=getattr(torch, dtype), use_safetensors=True, trust_remote_code=False)
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False)
     return model.to(device)
+
+
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
+
+def autocast(precision: str, device: str) -> AbstractContextManager:
+    """The compute context of the student's forwards under `precision` (a no-op unless mixed)."""
+    if precision not in AUTOCAST_DTYPES:
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
 
 
 class Trainer:
     def __init__(self, spec: JobSpec, teacher: Teacher, *, rank: int = 0, world: int = 1,
                  on_metrics: MetricsCallback | None = None,
-                 on_checkpoint: CheckpointCallback | None = None) -> None:
+                 on_checkpoint: CheckpointCallback | None = None, comm: Comm | None = None) -> None:
         self.spec, self.teacher, self.rank, self.world = spec, teacher, rank, world
+        self.comm = comm or Comm.current()
         self.on_metrics, self.on_checkpoint = on_metrics, on_checkpoint
         self.run_dir = Path(spec.checkpoint.dir)
         self.ckpt = CheckpointManager(self.run_dir, spec.checkpoint.keep_last)
@@ -108,6 +131,10 @@ class Trainer:
         self.non_finite_streak = self.non_finite_total = 0
         self.history: list[dict[str, Any]] = []
         self.resumed_from: CheckpointRef | None = None
+        self.resume_notes: list[str] = []
+        precision = spec.student.precision
+        self.scaler = torch.amp.GradScaler(torch.device(spec.student.device).type) \
+            if precision == "fp16-mixed" else None
         self.sharded = spec.resources.strategy == "fsdp" and fsdp.available()
         if spec.resources.strategy == "fsdp" and not self.sharded:
             log.info("strategy fsdp without a process group: one process holds the whole student")
@@ -122,10 +149,12 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_id = self.tokenizer.eos_token_id
         ref = resume_from or self.ckpt.latest_valid()
-        self.model = load_student(ref.path if ref else spec.student.model, spec.student.dtype,
+        if ref is not None:
+            self._check_resumable(ref)
+        self.model = load_student(ref.path if ref else spec.student.model, spec.student.precision,
                                   "cpu" if self.sharded else spec.student.device)
         if self.sharded:  # each rank keeps its shard, on its device
-            self.model = fsdp.shard(self.model, spec.student.device)
+            self.model = fsdp.shard(self.model, spec.student.device, self.comm.group)
         info = self.teacher.info()
         info.check_compatible(int(self.model.get_output_embeddings().weight.shape[0]),
                               tokenizer_fingerprint(self.tokenizer))
@@ -147,6 +176,26 @@ class Trainer:
         if ref is not None:
             self._restore_optimizer(self._pending_state)
 
+    def _check_resumable(self, ref: CheckpointRef) -> None:
+        """Refuse a checkpoint whose spec differs in a field that changes the run; note the rest."""
+        saved_path = ref.path / "spec.json"
+        if not saved_path.is_file():
+            return
+        breaking, harmless = resume_changes(json.loads(saved_path.read_text()), self.spec)
+        if breaking:
+            raise ValueError(
+                f"checkpoint {ref.path} was written by a different job spec, and these fields change what the "
+                f"run computes, so it cannot resume exactly: {'; '.join(map(str, breaking))}. Restore them, or "
+                f"use a new checkpoint.dir for a new run")
+        self.resume_notes = [str(c) for c in harmless]
+        if harmless:
+            log.info("resuming %s with changed fields that do not affect the run: %s", ref.path.name,
+                     "; ".join(self.resume_notes))
+
+    def _compute(self) -> AbstractContextManager:
+        """The context of the student's forwards: autocast under the mixed precisions."""
+        return autocast(self.spec.student.precision, self.spec.student.device)
+
     def _stage_spec(self):
         return self.spec.warmup if self.stage == "warmup" else self.spec.distill
 
@@ -167,6 +216,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "order": self.order.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "counters": {"non_finite_streak": self.non_finite_streak,
                          "non_finite_total": self.non_finite_total},
         }
@@ -181,7 +231,7 @@ class Trainer:
             if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                 raise NonFiniteLoss(f"non-finite weights at {self.stage} step {self.step}; not saving them")
             ref = self.ckpt.save(model, self.state_dict(optimizer_state), self.spec.to_json(), stage=self.stage,
-                                 step=self.step)
+                                 step=self.step, tokenizer=self.tokenizer)
             log.info("checkpoint %s", ref.path)
         if self.on_checkpoint is not None:
             self.on_checkpoint(ref, {"stage": self.stage, "step": self.step,
@@ -197,6 +247,8 @@ class Trainer:
         random.setstate(_as_tuple(state["rng"]["python"]))
         self.non_finite_streak = int(state["counters"]["non_finite_streak"])
         self.non_finite_total = int(state["counters"]["non_finite_total"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self._pending_state = state
         self.resumed_from = ref
         log.info("resumed from %s (stage %s, step %d)", ref.path.name, self.stage, self.step)
@@ -233,14 +285,16 @@ class Trainer:
             self._advance("done")
         summary = {"stage": self.stage, "non_finite_total": self.non_finite_total,
                    "last": self.history[-1] if self.history else None}
+        if self.resume_notes:
+            summary["resume_changes"] = self.resume_notes
         if self.spec.eval.enabled and self.eval_set:
-            with self._full_weights():
+            with self._full_weights(), self._compute():
                 if self.is_main:
                     summary["eval"] = evaluate_models(
                         self.model, self.teacher if self.spec.eval.teacher else None, self.eval_set,
                         self.tokenizer, self.spec.eval, self.eos_id)
         if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         return summary
 
     def _eval_point(self, point: str) -> None:
@@ -249,7 +303,7 @@ class Trainer:
         both stages, so every point of a run has its own event key."""
         if not (self.spec.eval.enabled and self.eval_set):
             return
-        with self._full_weights():
+        with self._full_weights(), self._compute():
             if not self.is_main:
                 return
             result = evaluate_models(self.model, None, self.eval_set, self.tokenizer, self.spec.eval,
@@ -276,7 +330,7 @@ class Trainer:
     def _emit(self, metrics: dict[str, Any]) -> None:
         self.history.append(metrics)
         if self.is_main and metrics["step"] % self.spec.log_every == 0:
-            shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
+            shown = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in metrics.items()}
             print(json.dumps(shown), flush=True)
         if self.on_metrics is not None:
             self.on_metrics(metrics)
@@ -289,18 +343,28 @@ class Trainer:
     def _backward(self, loss: torch.Tensor) -> None:
         # FSDP: every rank joins the backward's reduce-scatters; a non-finite step is dropped after.
         if self.sharded or torch.isfinite(loss):
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def _update(self, losses: list[torch.Tensor]) -> bool:
-        """Average gradients over ranks, clip and step, unless a loss on any rank was non-finite;
-        returns whether the step was taken (the same answer on every rank)."""
-        finite = dist.all_true(all(bool(torch.isfinite(l)) for l in losses))
+    def _update(self, losses: list[torch.Tensor]) -> tuple[bool, float]:
+        """Average gradients over ranks, clip and step, unless a loss on any rank was non-finite.
+        Returns whether the step was taken (the same answer on every rank) and the seconds spent
+        averaging gradients."""
+        finite = self.comm.all_true(all(bool(torch.isfinite(l)) for l in losses))
+        reduce_s = 0.0
         if finite:
             if not self.sharded:  # FSDP averaged them in the backward
-                dist.average_gradients(list(self.model.parameters()))
+                t0 = time.perf_counter()
+                self.comm.average_gradients(list(self.model.parameters()))
+                reduce_s = time.perf_counter() - t0
+            if self.scaler is not None:  # after the average, so every rank sees the same infs
+                self.scaler.unscale_(self.optimizer)
             if self.spec.distill.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.distill.grad_clip)
-            self.optimizer.step()
+            if self.scaler is not None:  # skips the update itself when a gradient overflowed
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
             self.scheduler.step()
             self.non_finite_streak = 0
         else:
@@ -310,11 +374,11 @@ class Trainer:
                 raise NonFiniteLoss(f"{self.non_finite_streak} non-finite losses in a row at "
                                     f"{self.stage} step {self.step}")
         self.optimizer.zero_grad(set_to_none=True)
-        return finite
+        return finite, reduce_s
 
     def _check_replicas(self) -> None:
         every = self.spec.resources.check_replicas_every
-        if every and self.step % every == 0 and not dist.replicas_agree(self.model):
+        if every and self.step % every == 0 and not self.comm.replicas_agree(self.model):
             raise RuntimeError(f"rank weights diverged at {self.stage} step {self.step}")
 
     # ------------------------------------------------------------------ distill
@@ -322,8 +386,8 @@ class Trainer:
         d, t_start = self.spec.distill, time.perf_counter()
         self.model.train()
         times = {"generate_s": 0.0, "teacher_s": 0.0, "forward_backward_s": 0.0}
-        losses, parts, tokens, on_policy = [], [], 0, 0
-        for micro in range(d.grad_accum):
+        batches, on_policy = [], 0
+        for micro in range(d.grad_accum):  # 1. rollouts and the teacher's judgement
             examples = [self.train_set[i] for i in self.order.next_batch()]
             prompts = [e.prompt_ids for e in examples]
             seed = step_seed(self.spec.seed, self.stage, self.step, micro, self.rank)
@@ -332,31 +396,40 @@ class Trainer:
                 responses, sampled = self._responses(examples, prompts, seed)
             on_policy += sampled
             t1 = time.perf_counter()
-            batch = score_batch(self.teacher, prompts, responses, top_k=d.top_k, temperature=d.temperature,
-                                full_logprobs=d.full_logprobs, pad_id=self.pad_id)
-            t2 = time.perf_counter()
-            logits = student_logits(self.model, batch)
-            loss = distill_loss(logits, batch.teacher, batch.response_mask, loss=d.loss, alpha=d.alpha,
-                                beta=d.beta, mu=d.mu, temperature=d.temperature,
-                                chunk_size=d.loss_chunk_size)
-            self._backward(loss / d.grad_accum)
+            batches.append(score_batch(self.teacher, prompts, responses, top_k=d.top_k,
+                                       temperature=d.temperature, full_logprobs=d.full_logprobs,
+                                       pad_id=self.pad_id))
             times["generate_s"] += t1 - t0
-            times["teacher_s"] += t2 - t1
-            times["forward_backward_s"] += time.perf_counter() - t2
-            losses.append(loss.detach())
-            parts.append(mismatch_metrics(logits.detach(), batch, d.temperature))
-            tokens += batch.num_response_tokens
-        took = self._update(losses)
+            times["teacher_s"] += time.perf_counter() - t1
+        tokens = sum(b.num_response_tokens for b in batches)
+        global_tokens = self.comm.sum_int(tokens)  # 2. every token of the step weighs the same
+        scale = self.comm.world / max(global_tokens, 1)  # the gradient average divides by world
+        loss_sums, parts = [], []
+        t2 = time.perf_counter()
+        for batch in batches:  # 3. forward and backward, one micro-batch at a time
+            with self._compute():
+                logits = student_logits(self.model, batch)
+            per_token = token_divergence(logits, batch.teacher, batch.response_mask, loss=d.loss, alpha=d.alpha,
+                                         beta=d.beta, mu=d.mu, temperature=d.temperature,
+                                         chunk_size=d.loss_chunk_size)
+            loss_sum = per_token.sum()
+            self._backward(loss_sum * scale)
+            loss_sums.append(loss_sum.detach())
+            parts.append(mismatch_metrics(logits.detach().float(), batch, d.temperature))
+        times["forward_backward_s"] = time.perf_counter() - t2
+        took, reduce_s = self._update(loss_sums)  # 4.
         self.step += 1
         self._check_replicas()
         elapsed = time.perf_counter() - t_start
         metrics: dict[str, Any] = {
-            "stage": "distill", "step": self.step, "loss": float(torch.stack(losses).mean()),
+            "stage": "distill", "step": self.step, "loss": float(torch.stack(loss_sums).sum()) / max(tokens, 1),
             "skipped": not took, "lr": self.scheduler.get_last_lr()[0], "tokens": tokens,
             "tokens_per_s": tokens / elapsed, "step_s": elapsed,
-            "on_policy_fraction": on_policy / d.grad_accum, **times,
+            "on_policy_fraction": on_policy / d.grad_accum, **times, "reduce_s": reduce_s,
             "teacher_latency_s": times["teacher_s"] / d.grad_accum,
         }
+        if self.scaler is not None:
+            metrics["loss_scale"] = float(self.scaler.get_scale())
         for key in parts[0]:
             metrics[key] = sum(p[key] for p in parts) / len(parts)
         return metrics
@@ -364,9 +437,10 @@ class Trainer:
     def _responses(self, examples: list[Example], prompts: list[torch.Tensor], seed: int):
         d = self.spec.distill
         if random.Random(seed).random() < d.on_policy_fraction:
-            return sample_responses(self.model, prompts, max_new_tokens=d.max_new_tokens,
-                                    temperature=d.sample_temperature, top_p=d.top_p,
-                                    stop_ids=[self.eos_id], seed=seed), 1
+            with self._compute():
+                return sample_responses(self.model, prompts, max_new_tokens=d.max_new_tokens,
+                                        temperature=d.sample_temperature, top_p=d.top_p,
+                                        stop_ids=[self.eos_id], seed=seed), 1
         if d.off_policy_source == "teacher":
             return teacher_responses(self.teacher, prompts, max_new_tokens=d.max_new_tokens,
                                      temperature=d.sample_temperature, top_p=d.top_p,
@@ -376,16 +450,17 @@ class Trainer:
     # ------------------------------------------------------------------ warmup
     def _run_warmup(self) -> None:
         w = self.spec.warmup
-        self.reference = warmup_mod.frozen_copy(load_student(self.spec.student.model, self.spec.student.dtype,
+        self.reference = warmup_mod.frozen_copy(load_student(self.spec.student.model, self.spec.student.precision,
                                                              self.spec.student.device))
         # Pairs come from the frozen initial student, so a resumed warmup rebuilds the same ones.
         prompt_order = ShardedOrder(len(self.train_set), max(1, w.prompts // self.world), rank=self.rank,
                                     world=self.world, seed=self.spec.seed + 1)
         prompts = [self.train_set[i].prompt_ids for i in prompt_order.next_batch()]
         self.pairs, stats = warmup_mod.build_pairs(self.reference, self.teacher, prompts, w,
-                                                   eos_id=self.eos_id, seed=step_seed(self.spec.seed, "pairs", self.rank))
+                                                   eos_id=self.eos_id, seed=step_seed(self.spec.seed, "pairs", self.rank),
+                                                   compute=self._compute)
         self._emit({"stage": "warmup", "step": self.step, "event": "pairs", **stats.as_dict()})
-        if dist.sum_int(len(self.pairs)) == 0:
+        if self.comm.sum_int(len(self.pairs)) == 0:
             log.warning("warmup built no pairs (nothing flagged); skipping the warmup stage")
             return
         # A rank without pairs still takes every step (zero gradients) so collectives line up.
@@ -397,12 +472,13 @@ class Trainer:
             self.model.train()
             if self.pair_order is not None:
                 batch = [self.pairs[i] for i in self.pair_order.next_batch()]
-                loss, metrics = warmup_mod.preference_loss(self.model, self.reference, batch, w,
-                                                           pad_id=self.pad_id)
+                with self._compute():
+                    loss, metrics = warmup_mod.preference_loss(self.model, self.reference, batch, w,
+                                                               pad_id=self.pad_id)
             else:
                 loss, metrics = self._zero_loss(), {"loss": 0.0}
             self._backward(loss)
-            took = self._update([loss.detach()])
+            took, _ = self._update([loss.detach()])
             self.step += 1
             self._check_replicas()
             self._emit({"stage": "warmup", "step": self.step, "skipped": not took,

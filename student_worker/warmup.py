@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -162,6 +162,7 @@ def build_pairs(
     *,
     eos_id: int,
     seed: int,
+    compute: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[list[PreferencePair], PairStats]:
     """Warmup-Distill pairs for `prompts` (int64 [len] each, non-empty); see the module docstring.
 
@@ -170,6 +171,7 @@ def build_pairs(
     from `_stream_seed(seed, "replace", i)`. The teacher's continuations use
     spec.sample_temperature and stop at EOS; their budget is what is left of spec.max_new_tokens
     (also capped by the teacher's max sequence length), none when the replacement is EOS.
+    `compute` wraps the student's own forwards (the trainer's autocast under mixed precision).
     """
     prompts = [_as_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
     info = teacher.info()
@@ -181,7 +183,7 @@ def build_pairs(
     row_prompts = [p for p in prompts for _ in range(n)]
     rows = range(len(row_prompts))
 
-    with _eval_mode(student):
+    with _eval_mode(student), compute():
         responses = _sample(student, row_prompts, spec, eos_id,
                             [_stream_seed(seed, "sample", i) for i in rows])
         student_lp = _student_token_logprobs(student, row_prompts, responses, pad_id=eos_id)

@@ -2,7 +2,9 @@
 
 No Ray here. The module fixture starts two processes once (torch.multiprocessing, a FileStore
 rendezvous), runs every 2-rank job listed in `two_rank_runs` through the Trainer, and the tests
-then compare the metrics and checkpoints the jobs left behind.
+then compare the metrics and checkpoints the jobs left behind. Each process's default group is
+registered for `cuda` only, as NCCL is on GPUs, and the trainer gets a CPU gloo group through its
+`Comm`: a collective anywhere in the trainer that bypasses the Comm fails every job here.
 
 Same spec, same seeds: fsdp and ddp do the same math in a different order. Over 2 ranks the mean
 of two gradients rounds the same either way, so without clipping and gradient accumulation the
@@ -26,6 +28,7 @@ from safetensors.torch import load_file
 import student_worker.trainer as trainer_mod
 from student_worker.checkpoint import CheckpointManager, CheckpointRef
 from student_worker.config import JobSpec
+from student_worker.distributed import Comm
 from student_worker.trainer import Trainer, build_teacher
 
 WORLD = 2
@@ -36,7 +39,7 @@ class _Stop(Exception):
     pass
 
 
-def _run_job(job: dict, rank: int, out: Path) -> None:
+def _run_job(job: dict, rank: int, out: Path, comm: Comm) -> None:
     """One job on this rank: a run, optionally stopped after a step, optionally resumed after."""
     spec = JobSpec.model_validate_json(job["spec"])
     seen: list[dict] = []
@@ -51,27 +54,28 @@ def _run_job(job: dict, rank: int, out: Path) -> None:
         path = Path(job["resume_from"])
         stage, _, step = path.name.rpartition("-")
         resume = CheckpointRef(path, stage, int(step))
-    real_loss, calls = trainer_mod.distill_loss, [0]
+    real_loss, calls = trainer_mod.token_divergence, [0]
 
     def flaky_loss(*args, **kwargs):  # NaN at the job's nan_on_rank1_call-th loss of rank 1
         calls[0] += 1
         loss = real_loss(*args, **kwargs)
         return loss * float("nan") if rank == 1 and calls[0] == job.get("nan_on_rank1_call") else loss
 
-    trainer_mod.distill_loss = flaky_loss
-    trainer = Trainer(spec, build_teacher(spec.teacher), rank=rank, world=WORLD, on_metrics=on_metrics)
+    trainer_mod.token_divergence = flaky_loss
+    trainer = Trainer(spec, build_teacher(spec.teacher), rank=rank, world=WORLD, on_metrics=on_metrics, comm=comm)
     summary, resumed_from = None, None
     try:
         trainer.setup(resume_from=resume)
         summary = trainer.train()
     except _Stop:
-        trainer = Trainer(spec, build_teacher(spec.teacher), rank=rank, world=WORLD, on_metrics=seen.append)
+        trainer = Trainer(spec, build_teacher(spec.teacher), rank=rank, world=WORLD, on_metrics=seen.append,
+                          comm=comm)
         trainer.setup()
         resumed_from = trainer.resumed_from.path.name
         summary = trainer.train()
     finally:
         trainer.cleanup()
-        trainer_mod.distill_loss = real_loss
+        trainer_mod.token_divergence = real_loss
     (out / f"{job['name']}-r{rank}.json").write_text(json.dumps(
         {"metrics": seen, "summary": summary, "resumed_from": resumed_from, "sharded": trainer.sharded},
         default=str))
@@ -79,11 +83,15 @@ def _run_job(job: dict, rank: int, out: Path) -> None:
 
 def _rank_main(rank: int, store: str, jobs: list[dict], out: str) -> None:
     torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    # The default group serves `cuda` tensors only, as NCCL does on GPUs: a collective on CPU
+    # tensors that does not go through the trainer's Comm raises "No backend type associated
+    # with device type cpu". The trainer gets a CPU group through its Comm.
+    torch_dist.init_process_group("cuda:gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    comm = Comm.of_group(torch_dist.new_group(backend="gloo"))
     try:
         for job in jobs:
             torch.manual_seed(0)
-            _run_job(job, rank, Path(out))
+            _run_job(job, rank, Path(out), comm)
     finally:
         torch_dist.destroy_process_group()
 
@@ -99,7 +107,8 @@ def two_rank_runs(make_spec_module, tmp_path_factory):
 
     def spec(name: str, strategy: str, **sections) -> str:
         sections["checkpoint"] = {**sections.get("checkpoint", {}), "dir": str(root / name)}
-        return make_spec_module(resources={"strategy": strategy}, **sections).to_json()
+        resources = {"strategy": strategy, **sections.pop("resources", {})}
+        return make_spec_module(resources=resources, **sections).to_json()
 
     ckpt = root / "{}" / "checkpoints" / "distill-00000002"
     jobs = [
@@ -114,6 +123,9 @@ def two_rank_runs(make_spec_module, tmp_path_factory):
         {"name": "ddp_nan", "spec": spec("ddp_nan", "ddp", **nan), "nan_on_rank1_call": 2},
         {"name": "fsdp_warmup", "spec": spec("fsdp_warmup", "fsdp", **warm)},
         {"name": "ddp_warmup", "spec": spec("ddp_warmup", "ddp", **warm)},
+        {"name": "ddp_bf16_checked", "spec": spec("ddp_bf16_checked", "ddp", student={"precision": "bf16-mixed"},
+                                                  distill={"steps": 2, "on_policy_fraction": 0.5},
+                                                  resources={"check_replicas_every": 1})},
         {"name": "fsdp_after_warmup", "spec": spec("fsdp_after_warmup", "fsdp", **warm),
          "resume_from": str(root / "fsdp_warmup" / "checkpoints" / "distill-00000000")},
     ]
@@ -267,3 +279,23 @@ def test_fsdp_without_a_process_group_trains_as_one_plain_process(make_spec):
         assert trainer.train()["stage"] == "done"
     finally:
         trainer.cleanup()
+
+
+def test_every_collective_runs_on_the_trainers_comm(two_rank_runs):
+    """The default group serves only `cuda` (as NCCL): every job above ran its collectives through
+    the trainer's Comm. A bf16-mixed ddp run compared the replicas' checksums after every step."""
+    result, _, _ = two_rank_runs
+    for rank in range(WORLD):
+        run = result("ddp_bf16_checked", rank)
+        assert [m["step"] for m in run["metrics"]] == [1, 2] and run["summary"]["stage"] == "done"
+        assert all(m["reduce_s"] > 0 for m in run["metrics"])
+
+
+def test_collectives_pick_the_device_the_backend_serves():
+    from student_worker.distributed import device_for_backends
+
+    assert device_for_backends("cpu:gloo,cuda:nccl") == torch.device("cpu")
+    assert device_for_backends("gloo") == torch.device("cpu")
+    assert device_for_backends("cuda:nccl").type == "cuda"
+    assert device_for_backends("nccl").type == "cuda"
+    assert device_for_backends("cuda:gloo").type == "cuda"

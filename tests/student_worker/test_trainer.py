@@ -209,7 +209,7 @@ def test_non_finite_losses_skip_steps_then_fail_the_run(make_spec, monkeypatch):
     import student_worker.trainer as trainer_mod
 
     spec = make_spec(distill={"steps": 6, "max_non_finite": 3}, checkpoint={"every_steps": 1})
-    real = trainer_mod.distill_loss
+    real = trainer_mod.token_divergence
     calls = {"n": 0}
 
     def flaky(*a, **kw):
@@ -217,7 +217,7 @@ def test_non_finite_losses_skip_steps_then_fail_the_run(make_spec, monkeypatch):
         loss = real(*a, **kw)
         return loss * float("nan") if calls["n"] >= 2 else loss
 
-    monkeypatch.setattr(trainer_mod, "distill_loss", flaky)
+    monkeypatch.setattr(trainer_mod, "token_divergence", flaky)
     seen = []
     with pytest.raises(NonFiniteLoss) as err:
         run(spec, on_metrics=seen.append)
