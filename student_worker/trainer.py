@@ -360,12 +360,16 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
             if self.spec.distill.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.distill.grad_clip)
+            stepped = True
             if self.scaler is not None:  # skips the update itself when a gradient overflowed
+                scale = self.scaler.get_scale()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                stepped = self.scaler.get_scale() >= scale  # it lowers the scale after an overflow
             else:
                 self.optimizer.step()
-            self.scheduler.step()
+            if stepped:  # the schedule follows the updates made, as the optimizer's own counter does
+                self.scheduler.step()
             self.non_finite_streak = 0
         else:
             self.non_finite_streak += 1
