@@ -45,6 +45,9 @@ class TrainProgress:
             self.progress.update(self.tasks[stage], completed=m["step"], info=info)
 
     def report(self, summary: dict[str, Any], run_dir: str) -> None:
+        if summary.get("already_finished"):
+            self.console.print(f"already finished: {run_dir} holds a finished run of this spec; nothing was "
+                               "trained or overwritten (its results are below)")
         ev = summary.get("eval") or {}
         if ev:
             table = Table(title="eval")

@@ -267,7 +267,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict[str, Any]:
-        """Run the remaining stages; returns the summary (also written to <run dir>/summary.json)."""
+        """Run the remaining stages; returns the summary (also written to <run dir>/summary.json).
+
+        A run that already finished (its done checkpoint and summary.json exist) is left as it
+        is: nothing is trained, evaluated or written, and the saved summary is returned with
+        `already_finished` set."""
+        summary_path = self.run_dir / "summary.json"
+        if self.stage == "done" and self.resumed_from is not None and summary_path.is_file():
+            log.warning("the run in %s already finished; nothing to do, its files are left as they are",
+                        self.run_dir)
+            return {**json.loads(summary_path.read_text()), "already_finished": True}
         if self.resumed_from is None and self.spec.eval.before:  # a fresh run, at its first step
             self._eval_point("before")
         if self.stage == "warmup":

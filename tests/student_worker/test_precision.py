@@ -188,3 +188,22 @@ def test_spec_refuses_degenerate_and_replaced_settings(make_spec):
     with pytest.raises(ValidationError, match="bf16-mixed"):
         JobSpec.model_validate({**doc, "student": {**doc["student"], "precision": "fp16-mixed"},
                                 "resources": {"strategy": "fsdp"}})
+
+
+def test_a_finished_run_is_never_overwritten(make_spec, tmp_path):
+    """Re-running a finished run: the same spec says so and leaves every file as it was; a changed
+    one (more steps) is refused with the field named, before anything is written."""
+    spec = make_spec(distill={**OFF_POLICY, "steps": 2}, eval={"enabled": True})
+    _train(spec)
+    run_dir = tmp_path / "run"
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert json.loads((run_dir / "summary.json").read_text())["eval"]["student"]["n"] > 0
+
+    trainer = Trainer(spec, build_teacher(spec.teacher))
+    trainer.setup()
+    summary = trainer.train()
+    assert summary["already_finished"] and summary["eval"] == json.loads(files[run_dir / "summary.json"])["eval"]
+    more = make_spec(distill={**OFF_POLICY, "steps": 5}, eval={"enabled": True})
+    with pytest.raises(ValueError, match=r"distill.steps: 2 -> 5"):
+        Trainer(more, build_teacher(more.teacher)).setup()
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
