@@ -137,7 +137,9 @@ class TeacherEngine:
     def score(self, args: ScoreArgs) -> list[ScoredSequence]:
         """Log-probs at positions score_from..len-1 of each sequence (inputs already validated)."""
         results: list[ScoredSequence | None] = [None] * len(args.sequences)
-        with self._lock, torch.inference_mode():
+        # A caller's autocast (an in-process teacher beside a mixed-precision student) must not
+        # change the teacher's numbers: it computes in its own dtype, as when served.
+        with self._lock, torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
             for batch in self._micro_batches([len(s) for s in args.sequences]):
                 for i, res in zip(batch, self._score_batch(args, batch)):
                     results[i] = res
@@ -212,6 +214,6 @@ class TeacherEngine:
         cancelled: Callable[[int], bool] | None = None,
     ) -> list[Generation | None]:
         """Continue each prompt (see `sampling.generate`); rows cancelled mid-way return None."""
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
             return generate(self.model, prompts, params, seeds=seeds, max_new_tokens=max_new_tokens,
                             cancelled=cancelled)

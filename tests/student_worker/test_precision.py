@@ -207,3 +207,17 @@ def test_a_finished_run_is_never_overwritten(make_spec, tmp_path):
     with pytest.raises(ValueError, match=r"distill.steps: 2 -> 5"):
         Trainer(more, build_teacher(more.teacher)).setup()
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
+
+
+def test_an_in_process_teacher_ignores_the_students_autocast(tiny_llama):
+    """Eval of a bf16-mixed student with `local_model` runs the teacher inside the student's
+    autocast: the teacher's answers must stay what it serves (its own dtype)."""
+    from teacher_server.local import LocalTeacher
+
+    teacher = LocalTeacher.from_model_dir(str(tiny_llama))
+    seqs = [torch.tensor([1, 2, 3, 4, 5, 6])]
+    plain = teacher.score(seqs, [2], top_k=4)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = teacher.score(seqs, [2], top_k=4)[0]
+    assert torch.equal(plain.token_logprobs, mixed.token_logprobs)
+    assert torch.equal(plain.topk_logprobs, mixed.topk_logprobs)
