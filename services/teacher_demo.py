@@ -49,7 +49,7 @@ def main(cache_dir: Path) -> None:
     piece = lambda i: tok.convert_ids_to_tokens(int(i)).replace("\u0120", "_")  # noqa: E731
     for text, ids, res in zip(SENTENCES, seqs, scored):
         table = Table(title=f"{text!r}: teacher log-probs of each token given the ones before")
-        for col in ("pos", "token", "log p", "teacher top-3 (log p)", "tail mass"):
+        for col in ("pos", "token", "log p", "teacher top-3 (log p)", "mass elsewhere"):
             table.add_column(col, justify="left" if "top" in col or col == "token" else "right")
         for j, t in enumerate(ids[1:]):
             alts = "  ".join(f"{piece(a)} {float(lp):.2f}" for a, lp in zip(res.topk_ids[j], res.topk_logprobs[j]))

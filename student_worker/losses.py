@@ -5,11 +5,13 @@ student's q = softmax(student_logits / temperature), by one of the divergences i
 `student_worker.divergences` (fkl, rkl, skew_fkl, skew_rkl, jsd, tvd, akl). The teacher arrives as
 
   - `DenseTeacher`: full log-prob rows [B, T, V], or
-  - `SparseTeacher`: its top-k log-probs plus the log-prob of the token actually at each position.
+  - `SparseTeacher`: its top-k log-probs, the log-prob of the token actually at each position, and
+    the log of its mass on every other token (computed by the teacher, see `SparseTeacher`).
 
 A sparse teacher is compared on a coarsened outcome space: the support S = top-k ∪ {actual token}
 plus ONE tail bucket holding the rest of the mass on each side (`coarsen_sparse`). With k = V the
-bucket is empty and the sparse loss equals the dense one.
+bucket is empty and the sparse loss equals the dense one; for any k it equals the dense loss
+between the two distributions coarsened to the same buckets.
 
 Temperature: the teacher's log-probs are taken as given, i.e. already at the teacher temperature
 (the teacher server divides its logits before its softmax). `temperature` here divides the student
@@ -64,29 +66,34 @@ class DenseTeacher:
 
 @dataclass(frozen=True)
 class SparseTeacher:
-    """Teacher top-k log-probs plus the log-prob of the actual token, at the teacher temperature.
+    """Teacher top-k log-probs, the actual token's log-prob and the tail, at the teacher temperature.
 
     topk_ids int64 [B, T, k] (k >= 0), topk_logprobs float [B, T, k], token_ids int64 [B, T] (the
-    token at each position), token_logprobs float [B, T]. An id repeated within a position (the
-    actual token inside the top-k, typically) is counted once, at its first slot.
+    token at each position), token_logprobs float [B, T], tail_logprobs float [B, T]: log of the
+    teacher's mass on every token outside S = top-k ∪ {actual token}, as the teacher computed it
+    (a log-sum-exp over those tokens; -inf when S is the whole vocabulary). It is never rebuilt as
+    1 - sum_S p: for a confident teacher that sum rounds to 1 and the tail to 0. An id repeated
+    within a position (the actual token inside the top-k, typically) is counted once.
     """
 
     topk_ids: Tensor
     topk_logprobs: Tensor
     token_ids: Tensor
     token_logprobs: Tensor
+    tail_logprobs: Tensor
+
+    @classmethod
+    def from_dense(cls, logprobs: Tensor, token_ids: Tensor, k: int) -> "SparseTeacher":
+        """The sparse view a teacher server sends of full log-prob rows [B, T, V] (tests, benches,
+        in-process teachers): top-k, the actual tokens' log-probs, the exact log tail."""
+        vals, ids = logprobs.topk(k, dim=-1)
+        token_lp = logprobs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+        outside = logprobs.scatter(-1, ids, float("-inf"))
+        outside = outside.scatter(-1, token_ids.unsqueeze(-1), float("-inf"))
+        return cls(ids, vals, token_ids, token_lp, outside.logsumexp(-1))
 
 
 Teacher = DenseTeacher | SparseTeacher
-
-
-def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 - e^x) for x <= 0 (larger x is clamped to 0, giving -inf), accurate at both ends.
-
-    Maechler (2012): log(-expm1(x)) near 0, log1p(-exp(x)) below -log 2. No gradient is needed.
-    """
-    x = x.clamp_max(0.0)
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
 def coarsen_sparse(
@@ -95,20 +102,21 @@ def coarsen_sparse(
     topk_logprobs: Tensor,
     token_ids: Tensor,
     token_logprobs: Tensor,
+    tail_logprobs: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Teacher and student log-probs over the coarsened outcomes, each [..., k + 2].
 
     Inputs: student_logprobs [..., V] (normalized, at the student temperature), topk_ids and
-    topk_logprobs [..., k], token_ids and token_logprobs [...]. Outcomes, in order:
+    topk_logprobs [..., k], token_ids, token_logprobs and tail_logprobs [...]. Outcomes, in order:
 
       slots 0..k-1  the teacher's top-k ids,
       slot k        the actual token; -inf on both sides when it is already in the top-k (an
                     outcome of probability 0 on both sides, which no divergence counts),
       slot k+1      the tail bucket: every token outside S = top-k ∪ {actual token}.
 
-    Teacher tail: log(1 - sum_S p) = log1mexp(logsumexp_S log p); a sum that rounds to >= 1 gives
-    -inf. Student tail: logsumexp of log q over the tokens outside S, exact even when the student
-    is confident (1 - sum_S q would cancel catastrophically). When the student has no mass outside
+    Teacher tail: `tail_logprobs`, as the teacher computed it. Student tail: logsumexp of log q over
+    the tokens outside S. Both are exact for a confident model, where 1 - sum_S would cancel
+    catastrophically (a top-1 probability of 1 - 1e-9 leaves nothing of the tail in float32). When the student has no mass outside
     S (S is the whole vocabulary, or the rest is masked with -inf logits) both tails are -inf. The
     teacher side is detached.
     """
@@ -131,7 +139,7 @@ def coarsen_sparse(
     empty = torch.isneginf(outside).all(-1)  # [...]
     q_tail = torch.where(empty, float("-inf"),
                          outside.masked_fill(empty.unsqueeze(-1), 0.0).logsumexp(-1))
-    p_tail = torch.where(empty, float("-inf"), _log1mexp(log_p_s.logsumexp(-1)))
+    p_tail = torch.where(empty, float("-inf"), tail_logprobs.detach().to(dtype))
     return (torch.cat([log_p_s, p_tail.unsqueeze(-1)], dim=-1),
             torch.cat([log_q_s, q_tail.unsqueeze(-1)], dim=-1))
 
@@ -167,7 +175,7 @@ def _check_teacher(teacher: Teacher, shape: tuple[int, int, int]) -> None:
                              f"got {tuple(ids.shape)}")
         if teacher.topk_logprobs.shape != ids.shape:
             raise ValueError("topk_logprobs must have the shape of topk_ids")
-        for name in ("token_ids", "token_logprobs"):
+        for name in ("token_ids", "token_logprobs", "tail_logprobs"):
             got = tuple(getattr(teacher, name).shape)
             if got != (b, t):
                 raise ValueError(f"{name} must be [{b}, {t}], got {got}")
@@ -181,7 +189,8 @@ def _slice_teacher(teacher: Teacher, start: int, stop: int, device: torch.device
     if isinstance(teacher, DenseTeacher):
         return DenseTeacher(teacher.logprobs[:, start:stop].to(device))
     return SparseTeacher(*(x[:, start:stop].to(device) for x in (
-        teacher.topk_ids, teacher.topk_logprobs, teacher.token_ids, teacher.token_logprobs)))
+        teacher.topk_ids, teacher.topk_logprobs, teacher.token_ids, teacher.token_logprobs,
+        teacher.tail_logprobs)))
 
 
 def _chunk_divergence(
@@ -197,7 +206,8 @@ def _chunk_divergence(
         log_p = teacher.logprobs[mask].detach().to(dtype)
     else:
         log_p, log_q = coarsen_sparse(log_q, teacher.topk_ids[mask], teacher.topk_logprobs[mask],
-                                      teacher.token_ids[mask], teacher.token_logprobs[mask])
+                                      teacher.token_ids[mask], teacher.token_logprobs[mask],
+                                      teacher.tail_logprobs[mask])
     values = div(log_p, log_q)  # [n]
     return torch.zeros(mask.shape, dtype=dtype, device=logits.device).masked_scatter(mask, values)
 
@@ -232,8 +242,7 @@ def token_divergence(
     b, t, _ = student_logits.shape
     _check_teacher(teacher, tuple(student_logits.shape))
     mask = _bool_mask(mask, (b, t), student_logits.device)
-    div = get_divergence(loss, alpha=alpha, beta=beta, mu=mu,
-                         tail_bucket=isinstance(teacher, SparseTeacher))
+    div = get_divergence(loss, alpha=alpha, beta=beta, mu=mu)
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
 
     step = max(t, 1) if chunk_size is None else chunk_size

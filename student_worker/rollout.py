@@ -78,6 +78,7 @@ def collate(prompts: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
     topk_ids = torch.zeros(b, rmax, k, dtype=torch.long)
     topk_lp = torch.zeros(b, rmax, k)
     token_lp = torch.zeros(b, rmax)
+    tail_lp = torch.full((b, rmax), float("-inf"))
     full = torch.zeros(b, rmax, scored[0].full_logprobs.shape[-1]) if full_logprobs else None
     for i, (p, r, s) in enumerate(zip(prompts, responses, scored)):
         n = len(r)
@@ -86,11 +87,12 @@ def collate(prompts: Sequence[torch.Tensor], responses: Sequence[torch.Tensor],
         response_ids[i, :n] = r
         response_mask[i, :n] = True
         topk_ids[i, :n], topk_lp[i, :n], token_lp[i, :n] = s.topk_ids, s.topk_logprobs, s.token_logprobs
+        tail_lp[i, :n] = s.tail_logprobs
         if full is not None:
             full[i, :n] = s.full_logprobs
     teacher = (DenseTeacher(full) if full is not None else
                SparseTeacher(topk_ids=topk_ids, topk_logprobs=topk_lp, token_ids=response_ids,
-                             token_logprobs=token_lp))
+                             token_logprobs=token_lp, tail_logprobs=tail_lp))
     return KDBatch(input_ids, attention, torch.tensor([len(p) for p in prompts]), response_ids,
                    response_mask, teacher)
 
@@ -112,8 +114,8 @@ def mismatch_metrics(logits: torch.Tensor, batch: KDBatch, temperature: float = 
 
     teacher_logprob: mean teacher log-prob of the response tokens (for on-policy batches, of the
     student's own samples); topk_overlap: share of the student's top-k ids found in the teacher's
-    top-k; tail_mass: mean teacher mass outside its top-k; fkl / rkl: token-level estimates of
-    KL(p||q) and KL(q||p) on the same support the loss uses.
+    top-k; tail_mass: mean teacher mass outside its top-k and the response token; fkl / rkl:
+    token-level estimates of KL(p||q) and KL(q||p) on the same support the loss uses.
     """
     from .losses import token_divergence
 
@@ -121,20 +123,15 @@ def mismatch_metrics(logits: torch.Tensor, batch: KDBatch, temperature: float = 
     n = mask.sum().clamp_min(1)
     t = batch.teacher
     if isinstance(t, DenseTeacher):
-        token_lp = t.logprobs.gather(-1, batch.response_ids[..., None])[..., 0]
-        k = 16
-        teacher_top = t.logprobs.topk(k, dim=-1)
-        topk_ids, topk_lp = teacher_top.indices, teacher_top.values
-    else:
-        token_lp, topk_ids, topk_lp = t.token_logprobs, t.topk_ids, t.topk_logprobs
-        k = topk_ids.shape[-1]
+        t = SparseTeacher.from_dense(t.logprobs, batch.response_ids, min(16, t.logprobs.shape[-1]))
+    token_lp, topk_ids, k = t.token_logprobs, t.topk_ids, t.topk_ids.shape[-1]
     mean = lambda x: float((x.to(logits.device) * mask).sum() / n)  # noqa: E731
     student_top = logits.topk(k, dim=-1).indices.cpu()
     overlap = (student_top[..., :, None] == topk_ids[..., None, :]).any(-1).float().mean(-1)
     return {
         "teacher_logprob": mean(token_lp),
         "topk_overlap": mean(overlap),
-        "tail_mass": mean((1 - topk_lp.exp().sum(-1)).clamp_min(0)),
-        "fkl": mean(token_divergence(logits, t, mask, loss="fkl", temperature=temperature)),
-        "rkl": mean(token_divergence(logits, t, mask, loss="rkl", temperature=temperature)),
+        "tail_mass": mean(t.tail_logprobs.exp()),
+        "fkl": mean(token_divergence(logits, batch.teacher, mask, loss="fkl", temperature=temperature)),
+        "rkl": mean(token_divergence(logits, batch.teacher, mask, loss="rkl", temperature=temperature)),
     }

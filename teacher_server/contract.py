@@ -72,17 +72,23 @@ class TeacherInfo:
 
 @dataclass(frozen=True)
 class ScoredSequence:
-    """Teacher log-probs for the n = length - score_from scored positions of one sequence."""
+    """Teacher log-probs for the n = length - score_from scored positions of one sequence.
+
+    `tail_logprobs` is the log of the mass on every token outside S = top-k ∪ {actual token},
+    computed by the teacher as a log-sum-exp over those tokens (exact for a confident teacher,
+    where 1 - sum(top-k) rounds to 0); -inf when S is the whole vocabulary.
+    """
 
     topk_ids: torch.Tensor  # int64 [n, k], most likely first
     topk_logprobs: torch.Tensor  # float32 [n, k]
     token_logprobs: torch.Tensor  # float32 [n], log-prob of the actual token at each position
+    tail_logprobs: torch.Tensor  # float32 [n], log mass outside top-k ∪ {actual token}
     full_logprobs: torch.Tensor | None = None  # float32 [n, V] when asked for
 
     @property
     def tail_mass(self) -> torch.Tensor:
-        """float32 [n]: probability mass outside the top-k, 1 - sum(exp(topk_logprobs))."""
-        return (1.0 - self.topk_logprobs.exp().sum(-1)).clamp_min(0.0)
+        """float32 [n]: the teacher's probability mass outside top-k ∪ {actual token}."""
+        return self.tail_logprobs.exp()
 
 
 @dataclass(frozen=True)

@@ -172,13 +172,14 @@ class TeacherEngine:
         row_idx, col_idx = torch.cat(rows).to(ids.device), torch.cat(cols).to(ids.device)
         states = hidden[row_idx, col_idx]  # [N, H]
         targets = ids[row_idx, col_idx + 1]  # [N]
-        topk_ids, topk_lp, tok_lp, full = self._head_logprobs(states, targets, args.top_k,
-                                                              args.temperature, args.full_logprobs)
+        topk_ids, topk_lp, tok_lp, tail_lp, full = self._head_logprobs(
+            states, targets, args.top_k, args.temperature, args.full_logprobs)
         out = []
-        for chunk in zip(*(t.split(counts) for t in (topk_ids, topk_lp, tok_lp)),
+        for chunk in zip(*(t.split(counts) for t in (topk_ids, topk_lp, tok_lp, tail_lp)),
                          full.split(counts) if full is not None else [None] * len(counts)):
             out.append(ScoredSequence(topk_ids=chunk[0], topk_logprobs=chunk[1],
-                                      token_logprobs=chunk[2], full_logprobs=chunk[3]))
+                                      token_logprobs=chunk[2], tail_logprobs=chunk[3],
+                                      full_logprobs=chunk[4]))
         return out
 
     def _logprobs(self, states: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -188,7 +189,10 @@ class TeacherEngine:
         return torch.log_softmax(temper(logits, temperature), dim=-1)
 
     def _head_logprobs(self, states, targets, top_k, temperature, full_rows):
-        parts: list[list[torch.Tensor]] = [[], [], [], []]
+        """Per position: top-k ids and log-probs, the actual token's log-prob, the log mass outside
+        S = top-k ∪ {actual token} (a float32 log-sum-exp over those tokens, so a confident row's
+        tail of 1e-12 stays 1e-12 instead of 1 - sum rounding to 0), and optionally the full row."""
+        parts: list[list[torch.Tensor]] = [[], [], [], [], []]
         for s, t in zip(states.split(self.config.head_chunk_positions),
                         targets.split(self.config.head_chunk_positions)):
             lp = self._logprobs(s, temperature)
@@ -197,11 +201,13 @@ class TeacherEngine:
             parts[1].append(vals.cpu())
             parts[2].append(lp.gather(-1, t[:, None])[:, 0].cpu())
             if full_rows:
-                parts[3].append(lp.cpu())
+                parts[4].append(lp.cpu())
+            outside = lp.scatter(-1, idx, float("-inf")).scatter_(-1, t[:, None], float("-inf"))
+            parts[3].append(outside.logsumexp(-1).cpu())
         k = top_k
         cat = lambda xs, shape: torch.cat(xs) if xs else torch.empty(shape)  # noqa: E731
         return (cat(parts[0], (0, k)).long(), cat(parts[1], (0, k)), cat(parts[2], (0,)),
-                cat(parts[3], (0, self.vocab_size)) if full_rows else None)
+                cat(parts[3], (0,)), cat(parts[4], (0, self.vocab_size)) if full_rows else None)
 
     # ------------------------------------------------------------------ generate
     def generate(

@@ -11,7 +11,15 @@ import math
 import numpy as np
 import torch
 
-from .contract import Generation, InvalidRequest, SamplingParams, ScoreArgs, ScoredSequence, TeacherInfo
+from .contract import (
+    Generation,
+    InvalidRequest,
+    SamplingParams,
+    ScoreArgs,
+    ScoredSequence,
+    TeacherInfo,
+    TeacherMismatch,
+)
 from .pb import teacher_pb2 as pb
 
 _NP = {pb.DTYPE_INT32: np.dtype("<i4"), pb.DTYPE_INT64: np.dtype("<i8"),
@@ -95,16 +103,22 @@ def score_request_from_pb(msg: pb.ScoreRequest) -> ScoreArgs:
 def scored_to_pb(s: ScoredSequence) -> pb.ScoredSequence:
     msg = pb.ScoredSequence(topk_ids=to_pb(s.topk_ids, torch.int32),
                             topk_logprobs=to_pb(s.topk_logprobs, torch.float32),
-                            token_logprobs=to_pb(s.token_logprobs, torch.float32))
+                            token_logprobs=to_pb(s.token_logprobs, torch.float32),
+                            tail_logprobs=to_pb(s.tail_logprobs, torch.float32))
     if s.full_logprobs is not None:
         msg.full_logprobs.CopyFrom(to_pb(s.full_logprobs, torch.float32))
     return msg
 
 
 def scored_from_pb(msg: pb.ScoredSequence) -> ScoredSequence:
+    if not msg.HasField("tail_logprobs"):
+        # A server from before the field: the tail would have to be rebuilt as 1 - sum(top-k),
+        # which is 0 for a confident teacher and silently wrong for every reverse-type loss.
+        raise TeacherMismatch("the teacher server sent no tail_logprobs (it predates them); "
+                           "upgrade the teacher server to this version of Distillery")
     return ScoredSequence(
         topk_ids=from_pb(msg.topk_ids).long(), topk_logprobs=from_pb(msg.topk_logprobs),
-        token_logprobs=from_pb(msg.token_logprobs),
+        token_logprobs=from_pb(msg.token_logprobs), tail_logprobs=from_pb(msg.tail_logprobs),
         full_logprobs=from_pb(msg.full_logprobs) if msg.HasField("full_logprobs") else None)
 
 

@@ -77,16 +77,18 @@ class ScoreRequest(_message.Message):
     def __init__(self, sequences: _Optional[_Iterable[_Union[ScoreSequence, _Mapping]]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., return_full_logprobs: _Optional[bool] = ...) -> None: ...
 
 class ScoredSequence(_message.Message):
-    __slots__ = ("topk_ids", "topk_logprobs", "token_logprobs", "full_logprobs")
+    __slots__ = ("topk_ids", "topk_logprobs", "token_logprobs", "full_logprobs", "tail_logprobs")
     TOPK_IDS_FIELD_NUMBER: _ClassVar[int]
     TOPK_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FULL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     topk_ids: Tensor
     topk_logprobs: Tensor
     token_logprobs: Tensor
     full_logprobs: Tensor
-    def __init__(self, topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., full_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    tail_logprobs: Tensor
+    def __init__(self, topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., full_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., tail_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("sequences",)

@@ -191,21 +191,25 @@ class ScriptedTeacher:
             flag_at, repl = self.script[tuple(seq[:start].tolist())]
             response = seq[start:]
             others = [t for t in range(3, 3 + top_k + 2) if t not in (repl,)]
-            ids, lps, tok = [], [], []
+            ids, lps, tok, tail = [], [], [], []
             for j, y in enumerate(response.tolist()):
                 if j == flag_at:  # y improbable: the teacher prefers repl, y is outside its top-k
                     assert y != repl and y not in others[:top_k - 1], "pick other seeds"
                     row = [repl] + others[:top_k - 1]
                     lp, tok_lp = [LOG(0.8)] + [LOG(0.1 / top_k)] * (top_k - 1), LOG(0.001)
+                    rest = 1 - 0.8 - 0.1 * (top_k - 1) / top_k - 0.001
                 else:  # y is the teacher's favourite
                     row = [y] + [t for t in others if t != y][:top_k - 1]
                     lp, tok_lp = [LOG(0.9)] + [LOG(0.05 / top_k)] * (top_k - 1), LOG(0.9)
+                    rest = 1 - 0.9 - 0.05 * (top_k - 1) / top_k
                 ids.append(row)
                 lps.append(lp)
                 tok.append(tok_lp)
+                tail.append(LOG(rest))
             out.append(ScoredSequence(topk_ids=torch.tensor(ids).reshape(-1, top_k),
                                       topk_logprobs=torch.tensor(lps).reshape(-1, top_k),
-                                      token_logprobs=torch.tensor(tok)))
+                                      token_logprobs=torch.tensor(tok),
+                                      tail_logprobs=torch.tensor(tail)))
         return out
 
     def generate(self, prompts, params: SamplingParams) -> list[Generation]:

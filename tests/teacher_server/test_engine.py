@@ -111,10 +111,11 @@ def test_score_outputs_agree_with_each_other(tiny_model):
         assert torch.equal(res.topk_logprobs, vals)
         assert bool((res.topk_logprobs[:, :-1] >= res.topk_logprobs[:, 1:]).all())  # most likely first
         assert torch.equal(res.token_logprobs, full.gather(-1, ids[start:, None])[:, 0])
-        # Tail mass = mass of every token outside the top-k.
-        outside = full.exp().scatter(-1, res.topk_ids, 0.0).sum(-1)
-        torch.testing.assert_close(res.tail_mass, outside, atol=1e-5, rtol=0)
-        torch.testing.assert_close(res.tail_mass, 1 - res.topk_logprobs.exp().sum(-1))
+        # The tail: log of the mass on every token outside top-k ∪ {actual token}.
+        outside = full.scatter(-1, res.topk_ids, float("-inf"))
+        outside = outside.scatter(-1, ids[start:, None], float("-inf")).logsumexp(-1)
+        torch.testing.assert_close(res.tail_logprobs, outside)
+        assert res.tail_logprobs.dtype == torch.float32
 
 
 def test_score_without_topk_or_full_rows(tiny_llama):
@@ -123,7 +124,8 @@ def test_score_without_topk_or_full_rows(tiny_llama):
     res = engine.score(ScoreArgs(seqs, [2, 1], top_k=0))
     assert res[0].topk_ids.shape == (3, 0) and res[0].topk_logprobs.shape == (3, 0)
     assert res[0].full_logprobs is None
-    torch.testing.assert_close(res[0].tail_mass, torch.ones(3))
+    expected_tail = (1 - res[0].token_logprobs.double().exp()).log().float()
+    torch.testing.assert_close(res[0].tail_logprobs, expected_tail, atol=1e-5, rtol=1e-5)
     expected = ref_logits(tiny_llama, seqs[0]).log_softmax(-1)[1:4].gather(-1, seqs[0][2:, None])[:, 0]
     torch.testing.assert_close(res[0].token_logprobs, expected, atol=ATOL, rtol=RTOL)
     assert res[1].token_logprobs.shape == (0,) and res[1].topk_ids.shape == (0, 0)
@@ -444,7 +446,8 @@ def test_check_compatible_names_both_sides():
     assert "<none>" in str(exc.value)
 
 
-def test_scored_sequence_tail_mass_is_clamped():
-    s = ScoredSequence(topk_ids=torch.zeros(1, 2, dtype=torch.long),
-                       topk_logprobs=torch.tensor([[0.0, -1e-7]]), token_logprobs=torch.zeros(1))
-    assert float(s.tail_mass[0]) == 0.0
+def test_scored_sequence_tail_mass_is_the_sent_tail():
+    s = ScoredSequence(topk_ids=torch.zeros(2, 2, dtype=torch.long),
+                       topk_logprobs=torch.tensor([[0.0, -1e-7], [-0.1, -3.0]]),
+                       token_logprobs=torch.zeros(2), tail_logprobs=torch.tensor([-30.0, -2.0]))
+    torch.testing.assert_close(s.tail_mass, torch.tensor([-30.0, -2.0]).exp())

@@ -14,6 +14,7 @@ from teacher_server.contract import (
     ScoreArgs,
     ScoredSequence,
     TeacherInfo,
+    TeacherMismatch,
 )
 from teacher_server.pb import teacher_pb2 as pb
 
@@ -149,13 +150,15 @@ def test_scored_sequence_round_trip(with_full):
     g = torch.Generator().manual_seed(1)
     full = torch.randn(3, 11, generator=g).log_softmax(-1)
     vals, ids = full.topk(4, -1)
+    tail = torch.tensor([-3.5, float("-inf"), -1e-12])
     s = ScoredSequence(topk_ids=ids, topk_logprobs=vals, token_logprobs=full[:, 2],
-                       full_logprobs=full if with_full else None)
+                       tail_logprobs=tail, full_logprobs=full if with_full else None)
     msg = _reencode(wire.scored_to_pb(s))
     assert msg.topk_ids.dtype == pb.DTYPE_INT32 and msg.topk_logprobs.dtype == pb.DTYPE_FLOAT32
     back = wire.scored_from_pb(msg)
     assert back.topk_ids.dtype == torch.int64 and torch.equal(back.topk_ids, ids)
     assert torch.equal(back.topk_logprobs, vals) and torch.equal(back.token_logprobs, full[:, 2])
+    assert torch.equal(back.tail_logprobs, tail)
     if with_full:
         assert torch.equal(back.full_logprobs, full)
     else:
@@ -164,10 +167,20 @@ def test_scored_sequence_round_trip(with_full):
 
 def test_empty_scored_sequence_round_trip():
     s = ScoredSequence(topk_ids=torch.empty(0, 3, dtype=torch.long), topk_logprobs=torch.empty(0, 3),
-                       token_logprobs=torch.empty(0))
+                       token_logprobs=torch.empty(0), tail_logprobs=torch.empty(0))
     back = wire.scored_from_pb(_reencode(wire.scored_to_pb(s)))
     assert back.topk_ids.shape == (0, 3) and back.topk_logprobs.shape == (0, 3)
-    assert back.token_logprobs.shape == (0,)
+    assert back.token_logprobs.shape == back.tail_logprobs.shape == (0,)
+
+
+def test_an_answer_without_tail_logprobs_is_refused():
+    """A server from before tail_logprobs: rebuilding the tail as 1 - sum(top-k) would be wrong
+    for a confident teacher, so the client refuses the answer and says what to do."""
+    old = pb.ScoredSequence(topk_ids=wire.to_pb(torch.zeros(2, 1, dtype=torch.int32)),
+                            topk_logprobs=wire.to_pb(torch.zeros(2, 1)),
+                            token_logprobs=wire.to_pb(torch.zeros(2)))
+    with pytest.raises(TeacherMismatch, match="tail_logprobs.*upgrade the teacher server"):
+        wire.scored_from_pb(_reencode(old))
 
 
 @pytest.mark.parametrize("params", [
