@@ -9,7 +9,7 @@ which is what Ray Train gives each worker, so the Trainer runs exactly as in a R
 Prints a markdown table per precision: median step time, tokens/s over all ranks, gradient
 average share, peak GPU memory of rank 0, first and last loss, non-finite steps, the share of
 weights changed by the run, and the max |loss - fp32 loss| over the steps. Models are random-weight Llamas over one 512-token
-tokenizer; the teacher is made confident (its output head scaled up) so that the sparse tail is
+tokenizer; the teacher is made confident (its top logit raised by --teacher-margin nats) so that the tail is
 tiny, as in real LLMs. Needs CUDA; `bench/gpu_run.sh` runs it with the other GPU checks.
 """
 
@@ -53,8 +53,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--teacher-layers", type=int, default=8)
     p.add_argument("--student-hidden", type=int, default=512)
     p.add_argument("--student-layers", type=int, default=4)
-    p.add_argument("--teacher-head-scale", type=float, default=40.0,
-                   help="multiplies the teacher's output head: a confident teacher")
+    p.add_argument("--teacher-margin", type=float, default=24.0,
+                   help="nats added to the teacher's top logit: a confident teacher (24: top-1 about "
+                        "1 - 1e-10, the tail near e^-26, as in real LLMs)")
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     p.add_argument("--device", default="cuda", help="cuda; cpu (gloo, tiny sizes) checks the script itself")
     return p.parse_args()
@@ -92,6 +93,40 @@ def _rank_main(rank: int, world: int, spec_json: str, store: str, out: str, devi
         dist.destroy_process_group()
 
 
+class PeakedHead(torch.nn.Module):
+    """The teacher's output head with its top logit raised by `margin` nats: the shape of a
+    confident LLM row (one token near 1, the rest e^-20 and below) that random weights lack."""
+
+    def __init__(self, head: torch.nn.Linear, margin: float) -> None:
+        super().__init__()
+        self.head, self.margin = head, margin
+        self.weight = head.weight  # the engine reads the vocabulary size from it
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.head(h)
+        return z.scatter_add(-1, z.argmax(-1, keepdim=True),
+                             torch.full(z.shape[:-1] + (1,), self.margin, dtype=z.dtype, device=z.device))
+
+
+def confident_engine(model_dir: Path, device: str, margin: float) -> tuple[TeacherEngine, str]:
+    """The bf16 teacher with a `PeakedHead`, and a line describing how confident it is."""
+    from teacher_server.contract import ScoreArgs
+
+    loaded = TeacherEngine.load(EngineConfig(model_dir=str(model_dir), device=device, dtype="bfloat16"))
+    model = loaded.model
+    model.lm_head = PeakedHead(model.lm_head, margin)
+    engine = TeacherEngine(model, loaded.config, loaded.fingerprint, name=loaded.name)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, engine.vocab_size, (48,), generator=g) for _ in range(8)]
+    scored = engine.score(ScoreArgs(seqs, [1] * len(seqs), top_k=16, temperature=1.0, full_logprobs=False))
+    # 1 - top-1, from the other top-k and the tail (in float32, 1 - exp(top-1 log-prob) is 0).
+    rest = torch.cat([torch.cat([r.topk_logprobs[:, 1:], r.tail_logprobs[:, None]], -1).logsumexp(-1)
+                      for r in scored]).double().exp()
+    tail = torch.cat([r.tail_logprobs for r in scored])
+    return engine, (f"median 1 - top-1 {float(rest.median()):.1e}, "
+                    f"median log tail {float(tail.median()):.1f}")
+
+
 def main() -> None:
     args = parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -100,15 +135,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         teacher_dir = build_model(root / "teacher", hidden=args.teacher_hidden, layers=args.teacher_layers,
-                                  heads=args.teacher_hidden // 64, tokenizer_vocab=512)
+                                  heads=max(1, args.teacher_hidden // 64), tokenizer_vocab=512)
         student_dir = build_model(root / "student", hidden=args.student_hidden, layers=args.student_layers,
-                                  heads=args.student_hidden // 64, tokenizer_vocab=512, seed=7)
+                                  heads=max(1, args.student_hidden // 64), tokenizer_vocab=512, seed=7)
         data = root / "train.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(1024, seed=0)))
-        engine = TeacherEngine.load(EngineConfig(model_dir=str(teacher_dir), device="cuda:0" if args.device == "cuda" else "cpu",
-                                               dtype="bfloat16"))
-        with torch.no_grad():
-            engine.model.get_output_embeddings().weight.mul_(args.teacher_head_scale)
+        engine, confidence = confident_engine(teacher_dir, "cuda:0" if args.device == "cuda" else "cpu",
+                                              args.teacher_margin)
         server = TeacherServer(ServerConfig(engine=engine.config, port=0, batcher=BatcherConfig()))
         port = server.start()
         server.load(engine)
@@ -135,7 +168,7 @@ def main() -> None:
     print(f"\n{world} ranks on {'NCCL' if args.device == 'cuda' else 'gloo (CPU)'}, teacher {args.teacher_hidden}x{args.teacher_layers} bf16 served on "
           f"{'cuda:0' if args.device == 'cuda' else 'cpu'}, "
           f"student {args.student_hidden}x{args.student_layers}, loss {args.loss}, lr {args.lr}, "
-          f"batch {args.batch}/rank, {args.steps} steps\n")
+          f"batch {args.batch}/rank, {args.steps} steps; teacher {confidence}\n")
     print("| precision | step (ms) | tokens/s | average share | peak GB | loss first -> last | skipped | "
           "weights moved | max dloss vs fp32 |")
     print("|---|---:|---:|---:|---:|---|---:|---:|---:|")

@@ -5,13 +5,20 @@ Every function takes aligned log-probabilities `log_p` (teacher) and `log_q` (st
 vocabulary for a dense teacher, or the coarsened support of a sparse teacher (see
 `losses.coarsen_sparse`). Log-probs may be -inf: an outcome that is impossible under both sides
 counts for nothing (0 log 0 = 0), so callers can switch slots off by setting both sides to -inf.
+In every KL(a || b) term, an outcome whose a_i = exp(log a_i) is 0 in the working dtype (log a_i
+= -inf, or finite but underflowing, such as -200 in float32) contributes exactly 0, whatever b_i.
 Nothing here upcasts; callers pass float32 or float64.
 
 Conventions (see each docstring for the equation):
   - RKL-type terms KL(q || p) are +inf where the teacher gives zero probability to an outcome the
     student can emit (one-hot or filtered teacher rows). There, and only in the teacher's role of
     reference measure, teacher log-probs are raised to `TEACHER_LOGPROB_FLOOR`.
-  - JSD_beta is weighted so that beta -> 0 is forward KL and beta -> 1 is reverse KL continuously.
+  - JSD_beta follows TRL's `generalized_jsd_loss` (and GKD, Agarwal et al. 2024, eq. 1):
+    beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q. It is discontinuous at
+    the ends: beta = 0 is defined as forward KL and beta = 1 as reverse KL, but for 0 < beta < 1
+    the value tends to 0 as beta -> 0 or beta -> 1 (it is about beta * FKL for small beta, not
+    about FKL).
+  - AKL splits head and tail as the code released with Wu et al. (2024) does (see `akl_weights`).
 """
 
 from __future__ import annotations
@@ -37,10 +44,14 @@ def _check_unit(name: str, value: float) -> None:
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(a || b) = sum_i a_i (log a_i - log b_i) over the last dim; a_i = 0 contributes 0."""
-    # Double where: masked entries get finite stand-ins so that neither the forward (-inf - -inf)
-    # nor the backward (0 * nan) of the discarded branch can produce NaN.
-    support = ~torch.isneginf(log_a)
+    """KL(a || b) = sum_i a_i (log a_i - log b_i) over the last dim; a_i = 0 contributes 0.
+
+    "a_i = 0" means exp(log a_i) == 0 in the working dtype, so a finite log a_i that underflows
+    (-200 in float32) counts for nothing too, even against log b_i = -inf (else 0 * inf = NaN).
+    """
+    # Double where: masked entries get finite stand-ins so that neither the forward (-inf - -inf,
+    # 0 * inf) nor the backward (0 * nan) of the discarded branch can produce NaN.
+    support = log_a.detach().exp() != 0  # a NaN input stays in, and shows
     la = torch.where(support, log_a, 0.0)
     lb = torch.where(support, log_b, 0.0)
     return torch.where(support, la.exp() * (la - lb), 0.0).sum(-1)
@@ -103,18 +114,20 @@ def skew_reverse_kl(log_p: Tensor, log_q: Tensor, alpha: float = 0.1) -> Tensor:
 
 
 def generalized_jsd(log_p: Tensor, log_q: Tensor, beta: float = 0.5) -> Tensor:
-    """Generalized JSD with m = beta p + (1 - beta) q:
+    """Generalized JSD in the convention of TRL's `generalized_jsd_loss` (GKD, Agarwal et al.
+    2024, eq. 1), with m = beta p + (1 - beta) q:
 
-        JSD_beta(p, q) = (1 - beta) KL(p || m) + beta KL(q || m)
+        JSD_beta(p, q) = beta KL(p || m) + (1 - beta) KL(q || m)      for 0 < beta < 1,
+        JSD_0 = KL(p || q) (`forward_kl`),   JSD_1 = KL(q || p) (`reverse_kl`).
 
-    Shapes: [..., N] -> [...]. beta = 0 returns `forward_kl` and beta = 1 returns `reverse_kl`, and
-    these are also the limits: as beta -> 0, m -> q and the weight on KL(p || m) -> 1. Equivalently
-    JSD_beta = (1 - beta) SKL_fwd(alpha=beta) + beta SKL_rev(alpha=1-beta), sharing one mixture.
+    Shapes: [..., N] -> [...]. The end points are special cases, not limits: as beta -> 0, m -> q
+    and both terms vanish (JSD_beta / beta -> FKL), and likewise JSD_beta -> 0 as beta -> 1
+    (JSD_beta / (1 - beta) -> RKL). So a small beta gives small values, not values near FKL.
+    beta = 0.5 is the ordinary Jensen-Shannon divergence. Equivalently, sharing one mixture,
+    JSD_beta = beta SKL_fwd(alpha=beta) + (1 - beta) SKL_rev(alpha=1-beta).
 
-    GKD (Agarwal et al. 2024, eq. 1) and TRL's `generalized_jsd_loss` use the same mixture but the
-    weights beta KL(p || m) + (1 - beta) KL(q || m): that expression tends to 0 at both ends
-    (JSD/beta -> FKL), so TRL reaches FKL at beta = 0 and RKL at beta = 1 only through special
-    cases. At beta = 0.5 both conventions give the ordinary Jensen-Shannon divergence.
+    At beta = 1, `reverse_kl` floors the teacher's log-probs at `TEACHER_LOGPROB_FLOOR`, so where
+    p = 0 < q the value is large but finite (TRL's is +inf there); elsewhere the two agree.
     """
     _check_unit("beta", beta)
     if beta == 0.0:
@@ -122,7 +135,7 @@ def generalized_jsd(log_p: Tensor, log_q: Tensor, beta: float = 0.5) -> Tensor:
     if beta == 1.0:
         return reverse_kl(log_p, log_q)
     log_m = _log_mix(log_p, log_q, beta)
-    return (1.0 - beta) * _kl(log_p, log_m) + beta * _kl(log_q, log_m)
+    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
 
 
 def total_variation(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -134,35 +147,28 @@ def total_variation(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def akl_weights(
-    log_p: Tensor, log_q: Tensor, mu: float = 0.5, *, tail_bucket: bool = False
-) -> tuple[Tensor, Tensor]:
+def akl_weights(log_p: Tensor, log_q: Tensor, mu: float = 0.5) -> tuple[Tensor, Tensor]:
     """The AKL mixing weights (w_head, w_tail), each [...], detached, summing to 1.
 
-    Sort outcomes by teacher probability, descending; the head is the smallest prefix whose
-    cumulative teacher mass reaches mu, the tail the rest. With gaps
-    g_head = sum_head |p - q| and g_tail = sum_tail |p - q|:
-    w_head = g_head / (g_head + g_tail), w_tail = g_tail / (g_head + g_tail); 1/2 each where both
-    gaps are 0 (then p = q and both KLs vanish anyway).
+    The split of the code released with Wu et al. (2024): sort the outcomes by teacher probability,
+    descending (stable, so ties keep their order); an outcome is head when the inclusive cumulative
+    teacher mass up to and including it is <= mu, and the first (most likely) outcome is always
+    head. Every other outcome is tail, including the one whose cumulative mass crosses mu. With
+    gaps g_head = sum_head |p - q| and g_tail = sum_tail |p - q|:
+    w_head = g_head / (g_head + g_tail), w_tail = 1 - w_head; 1/2 each where both gaps are 0 (then
+    p = q and both KLs vanish anyway).
 
-    `tail_bucket=True` marks the last outcome as the aggregated mass outside a sparse teacher's
-    support; its tokens are all less likely than any top-k token, so it always counts as tail.
-    The code released with Wu et al. (2024) puts in the head the tokens whose inclusive cumulative
-    mass is <= mu (and always the top one), so its split differs from this one only in which side
-    gets the token that straddles mu.
+    Every outcome is sorted by its own mass, including the tail bucket of a coarsened sparse row
+    (`losses.coarsen_sparse`): a bucket holding more mass than the top-k tokens comes first and is
+    head.
     """
     _check_unit("mu", mu)
     p, q = log_p.exp(), log_q.exp()
-    key = p.clone()
-    if tail_bucket:
-        key[..., -1] = -1.0  # sorts after every real outcome, which all have p >= 0
-    order = key.argsort(dim=-1, descending=True, stable=True)
+    order = p.argsort(dim=-1, descending=True, stable=True)
     p_sorted = p.gather(-1, order)
     gap_sorted = (p - q).abs().gather(-1, order)
-    mass_before = p_sorted.cumsum(-1) - p_sorted
-    head = mass_before < mu
-    if tail_bucket:
-        head[..., -1] = False
+    head = p_sorted.cumsum(-1) <= mu
+    head[..., :1] = True
     g_head = (gap_sorted * head).sum(-1)
     g_tail = (gap_sorted * ~head).sum(-1)
     total = g_head + g_tail
@@ -171,9 +177,7 @@ def akl_weights(
     return w_head, 1.0 - w_head
 
 
-def adaptive_kl(
-    log_p: Tensor, log_q: Tensor, mu: float = 0.5, *, tail_bucket: bool = False
-) -> Tensor:
+def adaptive_kl(log_p: Tensor, log_q: Tensor, mu: float = 0.5) -> Tensor:
     """Adaptive KL (Wu et al. 2024, "Rethinking KL Divergence in KD for LLMs"):
 
         AKL = w_head KL(p || q) + w_tail KL(q || p)
@@ -182,7 +186,7 @@ def adaptive_kl(
     head/tail split). FKL fits the head, RKL the tail, each in proportion to how far the student is
     off there. The RKL part uses the same teacher floor as `reverse_kl`.
     """
-    w_head, w_tail = akl_weights(log_p, log_q, mu, tail_bucket=tail_bucket)
+    w_head, w_tail = akl_weights(log_p, log_q, mu)
     return w_head * forward_kl(log_p, log_q) + w_tail * reverse_kl(log_p, log_q)
 
 
@@ -201,26 +205,27 @@ _PARAMS: dict[str, tuple[str, ...]] = {
     "skew_fkl": ("alpha",),
     "skew_rkl": ("alpha",),
     "jsd": ("beta",),
-    "akl": ("mu", "tail_bucket"),
+    "akl": ("mu",),
 }
 
 
 def get_divergence(
-    name: str,
-    *,
-    alpha: float = 0.1,
-    beta: float = 0.5,
-    mu: float = 0.5,
-    tail_bucket: bool = False,
+    name: str, *, alpha: float = 0.1, beta: float = 0.5, mu: float = 0.5
 ) -> Divergence:
     """The divergence `name` (a key of `DIVERGENCES`) as `f(log_p, log_q) -> [...]`, with its
-    hyperparameters bound: alpha for skew_fkl / skew_rkl, beta for jsd, mu and tail_bucket for akl.
-    The others are ignored. Raises ValueError for an unknown name or an out-of-range value."""
+    hyperparameters bound: alpha for skew_fkl / skew_rkl, beta for jsd, mu for akl. The others are
+    ignored. Raises ValueError for an unknown name or an out-of-range value, and for alpha = 1 with
+    skew_fkl / skew_rkl: there the mixture is p (resp. q) itself, so the loss is identically 0 and
+    has no gradient (the bare functions still return that 0)."""
     if name not in DIVERGENCES:
         raise ValueError(f"unknown divergence {name!r}; choose one of {sorted(DIVERGENCES)}")
-    given = {"alpha": alpha, "beta": beta, "mu": mu, "tail_bucket": tail_bucket}
-    for key in ("alpha", "beta", "mu"):
-        if key in _PARAMS.get(name, ()):
-            _check_unit(key, given[key])
+    given = {"alpha": alpha, "beta": beta, "mu": mu}
+    for key in _PARAMS.get(name, ()):
+        _check_unit(key, given[key])
+    if "alpha" in _PARAMS.get(name, ()) and alpha == 1.0:
+        raise ValueError(
+            f"alpha must be in [0, 1) for {name}: at alpha = 1 the loss is identically 0, with no "
+            "gradient"
+        )
     kwargs = {key: given[key] for key in _PARAMS.get(name, ())}
     return functools.partial(DIVERGENCES[name], **kwargs)

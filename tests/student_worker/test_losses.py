@@ -42,8 +42,8 @@ def ref_kl(a: list[float], b: list[float]) -> float:
 
 
 def ref_divergence(name: str, p: list[float], q: list[float], *, alpha: float, beta: float,
-                   mu: float, bucket: bool = False) -> float:
-    """`bucket`: the last outcome is the sparse tail bucket, always on the AKL tail side."""
+                   mu: float) -> float:
+    """JSD as TRL's generalized_jsd_loss; the AKL split as the code released with Wu et al. 2024."""
     floored_p = [max(x, math.exp(TEACHER_LOGPROB_FLOOR)) for x in p]
     if name == "fkl":
         return ref_kl(p, q)
@@ -54,22 +54,25 @@ def ref_divergence(name: str, p: list[float], q: list[float], *, alpha: float, b
     if name == "skew_rkl":
         return ref_kl(q, [alpha * y + (1 - alpha) * x for x, y in zip(p, q)])
     if name == "jsd":
+        if beta == 0:
+            return ref_kl(p, q)
+        if beta == 1:
+            return ref_kl(q, floored_p)
         m = [beta * x + (1 - beta) * y for x, y in zip(p, q)]
-        return (1 - beta) * ref_kl(p, m) + beta * ref_kl(q, m)
+        return beta * ref_kl(p, m) + (1 - beta) * ref_kl(q, m)
     if name == "tvd":
         return 0.5 * sum(abs(x - y) for x, y in zip(p, q))
     assert name == "akl"
-    real = range(len(p) - 1) if bucket else range(len(p))
-    order = sorted(real, key=lambda i: -p[i])
+    # Head: the most likely outcome, then those whose inclusive cumulative mass is <= mu. Every
+    # outcome (a sparse row's tail bucket too) is sorted by its own mass.
+    order = sorted(range(len(p)), key=lambda i: -p[i])
     g_head = g_tail = cum = 0.0
-    for i in order:
-        if cum < mu:
+    for rank, i in enumerate(order):
+        cum += p[i]
+        if rank == 0 or cum <= mu:
             g_head += abs(p[i] - q[i])
         else:
             g_tail += abs(p[i] - q[i])
-        cum += p[i]
-    if bucket:
-        g_tail += abs(p[-1] - q[-1])
     w = g_head / (g_head + g_tail)
     return w * ref_kl(p, q) + (1 - w) * ref_kl(q, floored_p)
 
@@ -143,26 +146,33 @@ def test_sparse_matches_reference(name):
             p, q = ref_coarsen(np_softmax(student[b, t].numpy()), teacher.topk_ids[b, t].tolist(),
                                teacher.topk_logprobs[b, t].tolist(), int(tokens[b, t]),
                                float(teacher.token_logprobs[b, t]))
-            want = ref_divergence(name, p, q, bucket=True, **HP)
+            want = ref_divergence(name, p, q, **HP)
             assert got[b, t].item() == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
-def test_akl_sparse_bucket_counts_as_tail_even_when_heavy():
-    # A flat teacher: the bucket holds 6/8 of the mass, yet must stay on the tail side.
-    v = 8
-    teacher_lp = torch.full((1, 1, v), -math.log(v), dtype=torch.float64)
+def test_akl_sparse_bucket_is_sorted_by_its_mass():
+    # A nearly flat teacher, top-1 (id 0) plus an actual token outside it: the bucket holds about
+    # 0.69 of the mass, so it sorts first and is head (the most likely outcome always is); the two
+    # tokens come after the cumulative mass has passed mu = 0.5 and are tail.
+    teacher_lp = torch.log_softmax(torch.tensor([[[0.5, 0, 0, 0, 0, 0, 0, 0]]],
+                                                dtype=torch.float64), -1)
     student = torch.tensor([[[3.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0]]], dtype=torch.float64)
     tokens = torch.tensor([[5]])
     teacher = sparse_from_dense(teacher_lp, 1, tokens)
-    p, q = coarsen_sparse(torch.log_softmax(student, -1), teacher.topk_ids, teacher.topk_logprobs,
-                          tokens, teacher.token_logprobs)
-    w_head, w_tail = akl_weights(p, q, mu=0.5, tail_bucket=True)
-    pp, qq = p.exp()[0, 0].tolist(), q.exp()[0, 0].tolist()
-    # head = {top-1 token, actual token} (mass before the 2nd is 1/8 < 1/2); bucket in the tail.
-    g_head = abs(pp[0] - qq[0]) + abs(pp[1] - qq[1])
-    g_tail = abs(pp[2] - qq[2])
-    assert w_head.item() == pytest.approx(g_head / (g_head + g_tail), rel=1e-12)
-    assert w_tail.item() == pytest.approx(g_tail / (g_head + g_tail), rel=1e-12)
+    got = token_divergence(student, teacher, loss="akl", mu=0.5)
+    p_full, q_full = np.exp(teacher_lp[0, 0].numpy()), np_softmax(student[0, 0].numpy())
+    pp = [float(p_full[0]), float(p_full[5]), 1.0 - float(p_full[0]) - float(p_full[5])]
+    qq = [float(q_full[0]), float(q_full[5]), 1.0 - float(q_full[0]) - float(q_full[5])]
+    assert pp[2] > 0.5 > pp[0] > pp[1]  # [top-1 (id 0), actual token (id 5), bucket]
+    g_head = abs(pp[2] - qq[2])
+    g_tail = abs(pp[0] - qq[0]) + abs(pp[1] - qq[1])
+    w = g_head / (g_head + g_tail)
+    want = w * ref_kl(pp, qq) + (1 - w) * ref_kl(qq, pp)
+    assert got[0, 0].item() == pytest.approx(want, rel=1e-9)
+    # the same through akl_weights on the coarsened row itself
+    w_head, w_tail = akl_weights(_log(pp), _log(qq), mu=0.5)
+    assert w_head.item() == pytest.approx(w, rel=1e-12)
+    assert w_tail.item() == pytest.approx(1 - w, rel=1e-12)
 
 
 # ---- properties --------------------------------------------------------------------------------
@@ -179,7 +189,8 @@ def test_identical_distributions_give_zero(name, kind):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), v=st.integers(2, 12), k_frac=st.floats(0.0, 1.0),
-       scale=st.floats(0.1, 8.0), tau=st.floats(0.5, 2.0), alpha=st.floats(0.0, 1.0),
+       scale=st.floats(0.1, 8.0), tau=st.floats(0.5, 2.0),
+       alpha=st.floats(0.0, 1.0, exclude_max=True),
        beta=st.floats(0.0, 1.0), mu=st.floats(0.0, 1.0))
 def test_nonnegative_and_bounded(seed, v, k_frac, scale, tau, alpha, beta, mu):
     student, teacher_lp, tokens = make_case(b=2, t=2, v=v, seed=seed, scale=scale)
@@ -200,10 +211,15 @@ def test_jsd_and_skew_endpoints_and_limits():
     log_p, log_q = teacher_lp, torch.log_softmax(student, -1)
     fkl, rkl = DIVERGENCES["fkl"](log_p, log_q), DIVERGENCES["rkl"](log_p, log_q)
     jsd = DIVERGENCES["jsd"]
+    # TRL's convention: the ends are FKL and RKL by definition, but not limits. Inside (0, 1) the
+    # value vanishes at both ends, JSD / beta -> FKL and JSD / (1 - beta) -> RKL.
     assert torch.equal(jsd(log_p, log_q, beta=0.0), fkl)
     assert torch.equal(jsd(log_p, log_q, beta=1.0), rkl)
-    torch.testing.assert_close(jsd(log_p, log_q, beta=1e-6), fkl, rtol=1e-4, atol=0)
-    torch.testing.assert_close(jsd(log_p, log_q, beta=1 - 1e-6), rkl, rtol=1e-4, atol=0)
+    eps = 1e-6
+    torch.testing.assert_close(jsd(log_p, log_q, beta=eps) / eps, fkl, rtol=1e-4, atol=0)
+    torch.testing.assert_close(jsd(log_p, log_q, beta=1 - eps) / eps, rkl, rtol=1e-4, atol=0)
+    assert (jsd(log_p, log_q, beta=eps) < 1e-3 * fkl).all()
+    assert (jsd(log_p, log_q, beta=1 - eps) < 1e-3 * rkl).all()
     # beta = 1/2 is the ordinary Jensen-Shannon divergence.
     m = torch.log((log_p.exp() + log_q.exp()) / 2)
     plain = 0.5 * (log_p.exp() * (log_p - m)).sum(-1) + 0.5 * (log_q.exp() * (log_q - m)).sum(-1)
@@ -212,8 +228,10 @@ def test_jsd_and_skew_endpoints_and_limits():
     assert torch.equal(DIVERGENCES["skew_rkl"](log_p, log_q, alpha=0.0), rkl)
     near = DIVERGENCES["skew_fkl"](log_p, log_q, alpha=1e-7)
     torch.testing.assert_close(near, fkl, rtol=1e-5, atol=0)
-    for skew in ("skew_fkl", "skew_rkl"):
+    for skew in ("skew_fkl", "skew_rkl"):  # the bare functions give 0; get_divergence refuses it
         assert DIVERGENCES[skew](log_p, log_q, alpha=1.0).abs().max().item() < 1e-12
+        with pytest.raises(ValueError, match="alpha"):
+            get_divergence(skew, alpha=1.0)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -396,13 +414,32 @@ def _log(values):
 
 
 def test_akl_weight_follows_the_larger_gap():
-    log_p = _log([0.4, 0.3, 0.15, 0.15])  # mu = 0.5: head = first two tokens
-    w_head, w_tail = akl_weights(log_p, _log([0.1, 0.6, 0.149, 0.151]), mu=0.5)
+    # mu = 0.75: inclusive cumulative masses 0.4, 0.7, 0.85, 1.0, so head = the first two tokens.
+    log_p = _log([0.4, 0.3, 0.15, 0.15])
+    w_head, w_tail = akl_weights(log_p, _log([0.1, 0.6, 0.149, 0.151]), mu=0.75)
     assert w_head.item() == pytest.approx(0.6 / 0.602) and w_head.item() > 0.99
-    w_head, w_tail = akl_weights(log_p, _log([0.4, 0.3, 0.05, 0.25]), mu=0.5)
+    w_head, w_tail = akl_weights(log_p, _log([0.4, 0.3, 0.05, 0.25]), mu=0.75)
     assert w_tail.item() == pytest.approx(1.0) and w_head.item() == pytest.approx(0.0)
-    w_head, w_tail = akl_weights(log_p, log_p, mu=0.5)  # no gap at all
+    w_head, w_tail = akl_weights(log_p, log_p, mu=0.75)  # no gap at all
     assert (w_head.item(), w_tail.item()) == (0.5, 0.5)
+
+
+def test_akl_token_crossing_mu_is_tail_and_the_top_one_is_always_head():
+    # mu = 0.5, cumulative 0.4, 0.7, ...: the 2nd token crosses mu and goes to the tail.
+    log_p = _log([0.4, 0.3, 0.2, 0.1])
+    w_head, _ = akl_weights(log_p, _log([0.1, 0.6, 0.2, 0.1]), mu=0.5)  # gaps .3, .3, 0, 0
+    assert w_head.item() == pytest.approx(0.5, rel=1e-12)
+    w_head, _ = akl_weights(log_p, _log([0.4, 0.1, 0.4, 0.1]), mu=0.5)  # gap only past the top
+    assert w_head.item() == 0.0
+    # the top token alone holds more than mu: it is still head, the rest tail
+    log_p = _log([0.6, 0.2, 0.15, 0.05])
+    w_head, _ = akl_weights(log_p, _log([0.3, 0.5, 0.15, 0.05]), mu=0.5)  # gaps .3, .3, 0, 0
+    assert w_head.item() == pytest.approx(0.5, rel=1e-12)
+    w_head, _ = akl_weights(log_p, _log([0.3, 0.2, 0.15, 0.35]), mu=0.1)
+    assert w_head.item() == pytest.approx(0.3 / 0.6, rel=1e-12)
+    # order is by teacher mass, not by position
+    w_head, _ = akl_weights(_log([0.1, 0.2, 0.7]), _log([0.4, 0.2, 0.4]), mu=0.5)
+    assert w_head.item() == pytest.approx(0.3 / 0.6, rel=1e-12)
 
 
 def test_akl_weights_sum_to_one_and_carry_no_gradient():
