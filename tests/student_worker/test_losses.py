@@ -107,8 +107,7 @@ def make_case(b=2, t=3, v=9, seed=0, dtype=torch.float64, scale=2.0):
 
 
 def sparse_from_dense(teacher_lp: torch.Tensor, k: int, tokens: torch.Tensor) -> SparseTeacher:
-    vals, ids = teacher_lp.topk(k, dim=-1)
-    return SparseTeacher(ids, vals, tokens, teacher_lp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+    return SparseTeacher.from_dense(teacher_lp, tokens, k)
 
 
 def teacher_for(kind: str, teacher_lp: torch.Tensor, tokens: torch.Tensor, k: int = 3):
@@ -329,7 +328,8 @@ def test_masked_positions_are_never_read(kind):
         good = sparse_from_dense(teacher_lp, 3, tokens)
         teacher = SparseTeacher(good.topk_ids.masked_fill(~mask.unsqueeze(-1), -100),
                                 good.topk_logprobs.masked_fill(~mask.unsqueeze(-1), float("nan")),
-                                garbage_tok, good.token_logprobs.masked_fill(~mask, float("nan")))
+                                garbage_tok, good.token_logprobs.masked_fill(~mask, float("nan")),
+                                good.tail_logprobs.masked_fill(~mask, float("nan")))
     student.requires_grad_(True)
     loss = distill_loss(student, teacher, mask, loss="jsd")
     assert torch.equal(loss, clean)
@@ -389,7 +389,8 @@ def test_coarsened_distributions_are_normalized_and_dedup_the_actual_token():
     tokens[0, 1] = teacher_lp[0, 1].argmin()  # certainly outside
     teacher = sparse_from_dense(teacher_lp, 4, tokens)
     log_p, log_q = coarsen_sparse(torch.log_softmax(student, -1), teacher.topk_ids,
-                                  teacher.topk_logprobs, tokens, teacher.token_logprobs)
+                                  teacher.topk_logprobs, tokens, teacher.token_logprobs,
+                          teacher.tail_logprobs)
     assert log_p.shape == log_q.shape == (1, 2, 6)
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(1, 2, dtype=torch.float64))
     torch.testing.assert_close(log_q.exp().sum(-1), torch.ones(1, 2, dtype=torch.float64))
@@ -399,7 +400,8 @@ def test_coarsened_distributions_are_normalized_and_dedup_the_actual_token():
     confident = student.clone()
     confident[0, 0, teacher.topk_ids[0, 0, 0]] = 60.0
     _, log_q = coarsen_sparse(torch.log_softmax(confident, -1), teacher.topk_ids,
-                              teacher.topk_logprobs, tokens, teacher.token_logprobs)
+                              teacher.topk_logprobs, tokens, teacher.token_logprobs,
+                          teacher.tail_logprobs)
     outside = [i for i in range(9) if i not in teacher.topk_ids[0, 0].tolist()]
     want = torch.logsumexp(torch.log_softmax(confident, -1)[0, 0, outside], -1)
     assert want.item() < -40
@@ -492,7 +494,8 @@ def test_invalid_arguments_are_rejected():
     with pytest.raises(ValueError, match="shape"):
         distill_loss(student, DenseTeacher(teacher_lp[:, :2]), mask)
     with pytest.raises(ValueError, match="topk_ids"):
-        bad = SparseTeacher(tokens, teacher_lp[..., 0], tokens, teacher_lp[..., 0])  # topk_ids 2-D
+        bad = SparseTeacher(tokens, teacher_lp[..., 0], tokens, teacher_lp[..., 0],
+                            teacher_lp[..., 0])  # topk_ids 2-D
         distill_loss(student, bad, mask)
     with pytest.raises(TypeError):
         distill_loss(student, teacher_lp, mask)
