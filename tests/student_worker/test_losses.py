@@ -82,15 +82,16 @@ def np_softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def ref_coarsen(q_full: np.ndarray, topk_ids, topk_lp, tok: int, tok_lp: float):
-    """Explicit support set S = top-k ∪ {token} and one tail bucket per side."""
+def ref_coarsen(q_full: np.ndarray, topk_ids, topk_lp, tok: int, tok_lp: float, p_full: np.ndarray):
+    """Explicit support set S = top-k ∪ {token} and one tail bucket per side, each tail summed
+    over the tokens outside S (as the teacher server computes its own)."""
     support = [int(i) for i in topk_ids]
     p = [math.exp(x) for x in topk_lp]
     if tok not in support:
         support.append(tok)
         p.append(math.exp(tok_lp))
     q = [float(q_full[i]) for i in support]
-    p_tail = max(0.0, 1.0 - sum(p))
+    p_tail = sum(float(p_full[i]) for i in range(len(p_full)) if i not in support)
     q_tail = sum(float(q_full[i]) for i in range(len(q_full)) if i not in support)
     return p + [p_tail], q + [q_tail]
 
@@ -144,7 +145,8 @@ def test_sparse_matches_reference(name):
         for t in range(4):
             p, q = ref_coarsen(np_softmax(student[b, t].numpy()), teacher.topk_ids[b, t].tolist(),
                                teacher.topk_logprobs[b, t].tolist(), int(tokens[b, t]),
-                               float(teacher.token_logprobs[b, t]))
+                               float(teacher.token_logprobs[b, t]),
+                               teacher_lp[b, t].exp().numpy())
             want = ref_divergence(name, p, q, **HP)
             assert got[b, t].item() == pytest.approx(want, rel=1e-9, abs=1e-12)
 
