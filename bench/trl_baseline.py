@@ -8,8 +8,8 @@ the two trainers' time goes.
 rows use, with TRL's settings matched to the job spec (see `trl_config`), and returns per-step
 metrics in the shape `train_bench.summarize` reads: response tokens, step wall time, and where it
 went. TRL is on-policy only (no λ: every batch is sampled by the student, our λ = 1), computes
-full-vocabulary teacher logits in-process, and its generalized JSD mixes m = (1 − β)·q + β·p,
-which equals ours at β = 0.5 (docs/training.md).
+full-vocabulary teacher logits in-process; its generalized JSD is ours at every β (our `jsd`
+follows TRL's β convention, docs/training.md).
 
 `bench_decode` times one batch of on-policy sampling with our sampler and with transformers'
 generate() (TRL's path), on prompts of equal and of mixed lengths.

@@ -113,8 +113,10 @@ class DistillSpec(_Strict):
     loss: LossName = Field("fkl", description="Divergence between teacher p and student q.")
     alpha: float = Field(0.1, ge=0, lt=1, description="Skew α of skew_fkl / skew_rkl, in [0, 1): at 1 the "
                                                      "divergence is 0 whatever the student does.")
-    beta: float = Field(0.5, ge=0, le=1, description="β of generalized JSD (0 → FKL, 1 → RKL).")
-    mu: float = Field(0.5, gt=0, le=1, description="AKL head/tail split: cumulative teacher mass of the head.")
+    beta: float = Field(0.5, ge=0, le=1, description="β of generalized JSD, as TRL's: "
+                      "β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q; exactly FKL at 0 and RKL at 1.")
+    mu: float = Field(0.5, gt=0, le=1, description="AKL head/tail split: the head is the most likely "
+                    "tokens while their cumulative teacher mass stays ≤ μ (the top token always).")
     temperature: float = Field(1.0, gt=0, le=10, description="Temperature of both distributions in the loss.")
     steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps of the KD stage.")
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts per micro-batch (per worker).")
