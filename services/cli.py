@@ -49,7 +49,14 @@ def teacher_serve(
     max_queue: int = typer.Option(256, min=1, help="Requests allowed to wait; more get RESOURCE_EXHAUSTED."),
     top_k_limit: int = typer.Option(128, min=0, help="Largest top_k a request may ask for."),
     max_full_row_positions: int = typer.Option(4096, min=0, help="Positions per request with full rows."),
-    max_message_mb: int = typer.Option(256, min=1, help="Largest gRPC message, MiB."),
+    max_message_mb: int = typer.Option(256, min=1, help="Largest reply, MiB: a Score or Generate "
+                                       "whose reply would be larger is refused before any work."),
+    max_request_mb: int = typer.Option(32, min=1, help="Largest request, MiB (refused unread)."),
+    rpc_threads: int = typer.Option(128, min=1, help="Threads serving calls (at least the queue "
+                                    "plus one batch plus 16)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Engine threads on CPU (default: "
+                                          "torch's, one per core). On a CPU box shared with other "
+                                          "work, 1 is often fastest."),
     token: Optional[str] = typer.Option(None, envvar="DISTILLERY_TEACHER_TOKEN",
                                         help="Bearer token required from clients."),
     metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port."),
@@ -78,7 +85,8 @@ def teacher_serve(
         batcher=BatcherConfig(max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
                               max_wait_ms=max_wait_ms, max_queue=max_queue),
         host=host, port=port, port_file=str(port_file) if port_file else None,
-        max_message_mb=max_message_mb, token=token, metrics_port=metrics_port, grace_s=grace_s,
+        max_message_mb=max_message_mb, max_request_mb=max_request_mb, rpc_threads=rpc_threads,
+        torch_threads=threads, token=token, metrics_port=metrics_port, grace_s=grace_s,
         drain_delay_s=drain_delay_s,
     )
     raise typer.Exit(run(config))

@@ -129,6 +129,26 @@ class Limits:
     max_full_row_positions: int = 4096
     max_sequences: int = 1024
     max_new_tokens_limit: int = 4096
+    max_reply_bytes: int | None = None  # the server's message cap; None: not checked
+
+
+def score_reply_bytes(args: "ScoreArgs", vocab_size: int) -> int:
+    """An upper bound on the encoded ScoreResponse: 4 bytes per id / float32, plus framing."""
+    per_position = 4 * (2 * args.top_k + 2) + (4 * vocab_size if args.full_logprobs else 0)
+    return args.num_positions * per_position + 128 * len(args.sequences) + 64
+
+
+def generate_reply_bytes(n_prompts: int, params: "SamplingParams") -> int:
+    """An upper bound on the encoded GenerateResponse."""
+    per_token = 4 + (4 * (1 + 2 * params.logprobs_top_k) if params.return_logprobs else 0)
+    return n_prompts * (params.max_new_tokens * per_token + 160) + 64
+
+
+def _check_reply(size: int, limits: Limits, what: str) -> None:
+    if limits.max_reply_bytes is not None and size > limits.max_reply_bytes:
+        raise InvalidRequest(f"the reply would take about {size:,} bytes ({what}), more than this "
+                             f"server's message limit of {limits.max_reply_bytes:,} bytes; split the "
+                             f"request or ask for less")
 
 
 TokenSeq = Sequence[int] | torch.Tensor
@@ -194,6 +214,9 @@ def validate_score(args: ScoreArgs, limits: Limits) -> None:
         raise InvalidRequest(f"full log-prob rows for {args.num_positions} positions exceed the limit "
                              f"of {limits.max_full_row_positions} (each row is "
                              f"{4 * limits.vocab_size} bytes); use top_k instead")
+    detail = (f"{args.num_positions} positions × {limits.vocab_size} × 4 bytes of full rows"
+              if args.full_logprobs else f"{args.num_positions} positions at top_k {args.top_k}")
+    _check_reply(score_reply_bytes(args, limits.vocab_size), limits, detail)
 
 
 def validate_generate(prompts: list[torch.Tensor], params: SamplingParams, limits: Limits) -> None:
@@ -220,6 +243,8 @@ def validate_generate(prompts: list[torch.Tensor], params: SamplingParams, limit
     for s in params.stop_ids:
         if not 0 <= s < limits.vocab_size:
             raise InvalidRequest(f"stop id {s} outside [0, {limits.vocab_size})")
+    _check_reply(generate_reply_bytes(len(prompts), params), limits,
+                 f"{len(prompts)} prompts × {params.max_new_tokens} new tokens")
 
 
 @runtime_checkable

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from .batcher import Batcher, BatcherConfig
 from .engine import EngineConfig, TeacherEngine
@@ -40,10 +41,15 @@ class ServerConfig:
     host: str = "127.0.0.1"  # loopback unless the operator says otherwise
     port: int = DEFAULT_PORT  # 0 picks a free port (written to port_file)
     port_file: str | None = None
-    max_message_mb: int = 256
-    # RPCs held at once: at least this many, and always room for the batcher's queue and batch
-    # plus Info/health, so that the queue refuses work first (its refusals carry the retry marker).
+    max_message_mb: int = 256  # largest reply (and the cap Score/Generate are checked against)
+    # Largest request. 32 MiB holds 1024 sequences of 8192 int32 tokens; a bigger request is refused
+    # by gRPC before it is read into memory.
+    max_request_mb: int = 32
+    # Threads serving RPCs: at least this many, and always room for the batcher's queue and batch
+    # plus Info/health. There is no second concurrency limit: calls beyond the threads wait for
+    # one, and the one refusal a caller can get for load is the full queue's, with the retry marker.
     rpc_threads: int = 128
+    torch_threads: int | None = None  # engine threads on CPU; None keeps torch's default
     token: str | None = None  # bearer token required on teacher calls when set
     metrics_port: int | None = None  # Prometheus exporter; None disables it
     grace_s: float = 30.0  # in-flight calls get this long after SIGTERM
@@ -56,26 +62,24 @@ class TeacherServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.metrics = TeacherMetrics()
-        self.servicer = TeacherServicer(self.metrics)
+        send = config.max_message_mb * 1024 * 1024
+        self.servicer = TeacherServicer(self.metrics, max_reply_bytes=send)
         self.health = health.HealthServicer()
         self.batcher: Batcher | None = None
-        size = config.max_message_mb * 1024 * 1024
         b = config.batcher
-        self.rpc_limit = max(config.rpc_threads, b.max_queue + b.max_batch_requests + 16)
+        self.rpc_threads = max(config.rpc_threads, b.max_queue + b.max_batch_requests + 16)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.rpc_limit, thread_name_prefix="rpc"),
+            futures.ThreadPoolExecutor(max_workers=self.rpc_threads, thread_name_prefix="rpc"),
             interceptors=[BearerAuth(config.token)] if config.token else [],
-            options=[("grpc.max_receive_message_length", size),
-                     ("grpc.max_send_message_length", size),
+            options=[("grpc.max_receive_message_length", config.max_request_mb * 1024 * 1024),
+                     ("grpc.max_send_message_length", send),
                      # A taken port is an error, not shared: with gRPC's default SO_REUSEPORT a
                      # second teacher would silently take half of the first one's connections.
                      ("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=self.rpc_limit,
         )
         pb_grpc.add_TeacherServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        enable_reflection(self.server, (SERVICE_NAME, health.SERVICE_NAME))
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = 0
 
@@ -101,6 +105,8 @@ class TeacherServer:
         return self.port
 
     def load(self, engine: TeacherEngine | None = None) -> None:
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
         engine = engine or TeacherEngine.load(self.config.engine)
         self.batcher = Batcher(engine, self.config.batcher, self.metrics).start()
         self.servicer.attach(engine, self.batcher)
@@ -116,6 +122,24 @@ class TeacherServer:
         self.server.stop(self.config.grace_s).wait()
         if self.batcher is not None:
             self.batcher.stop()
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def enable_reflection(server: grpc.Server, services: tuple[str, ...]) -> None:
+    """Server reflection under both names clients use: grpc.reflection.v1 (current tools) and
+    v1alpha (older ones). The two protocols are the same messages under another package name, so
+    one reflection servicer answers both; v1 is routed to it with v1alpha's message codecs."""
+    names = (*services, REFLECTION_V1, reflection.SERVICE_NAME)
+    servicer = reflection.ReflectionServicer(names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": v1}),))
 
 
 def run(config: ServerConfig) -> int:

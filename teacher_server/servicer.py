@@ -7,6 +7,7 @@ client with retries moves on to another replica.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hmac
 import logging
@@ -17,7 +18,15 @@ import grpc
 
 from . import wire
 from .batcher import Batcher
-from .contract import RETRYABLE_KEY, Cancelled, InvalidRequest, Overloaded, validate_generate, validate_score
+from .contract import (
+    RETRYABLE_KEY,
+    Cancelled,
+    InvalidRequest,
+    Limits,
+    Overloaded,
+    validate_generate,
+    validate_score,
+)
 from .engine import TeacherEngine
 from .metrics import TeacherMetrics
 from .pb import teacher_pb2 as pb
@@ -25,7 +34,15 @@ from .pb import teacher_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+# grpcio reports a call without a deadline as one with an enormous time remaining (years), which
+# no wait accepts (OverflowError); past this many seconds a call counts as having no deadline.
+NO_DEADLINE_S = 365 * 24 * 3600.0
 
+
+def remaining_s(context: grpc.ServicerContext) -> float | None:
+    """Seconds until the call's deadline; None when the client set none (no limit, then)."""
+    left = context.time_remaining()
+    return None if left is None or left > NO_DEADLINE_S else max(left, 0.0)
 
 
 class NotReady(Exception):
@@ -40,7 +57,7 @@ def _status_for(exc: BaseException, context: grpc.ServicerContext) -> tuple[grpc
     if isinstance(exc, NotReady):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, Cancelled):
-        remaining = context.time_remaining()
+        remaining = remaining_s(context)
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
         return grpc.StatusCode.CANCELLED, str(exc)
@@ -68,8 +85,9 @@ def _rpc(method: Callable) -> Callable:
 
 
 class TeacherServicer(pb_grpc.TeacherServicer):
-    def __init__(self, metrics: TeacherMetrics) -> None:
+    def __init__(self, metrics: TeacherMetrics, max_reply_bytes: int | None = None) -> None:
         self.metrics = metrics
+        self.max_reply_bytes = max_reply_bytes  # the server's send cap: larger replies are refused
         self.engine: TeacherEngine | None = None
         self.batcher: Batcher | None = None
         self.draining = False
@@ -86,32 +104,44 @@ class TeacherServicer(pb_grpc.TeacherServicer):
 
     @staticmethod
     def _deadline(context: grpc.ServicerContext) -> float | None:
-        remaining = context.time_remaining()
+        remaining = remaining_s(context)
         return None if remaining is None else time.monotonic() + remaining
+
+    def limits(self, engine: TeacherEngine) -> Limits:
+        """The engine's limits under this server's message cap: full rows are allowed only for as
+        many positions as fit one reply, so Info never promises what a reply could not carry."""
+        limits = engine.limits
+        if self.max_reply_bytes is None:
+            return limits
+        fit = max(0, (self.max_reply_bytes - 4096) // (4 * limits.vocab_size + 1064))
+        return dataclasses.replace(limits, max_reply_bytes=self.max_reply_bytes,
+                                   max_full_row_positions=min(limits.max_full_row_positions, fit))
 
     @_rpc
     def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         engine, _ = self._ready()
-        return wire.info_to_pb(engine.info())
+        info = dataclasses.replace(
+            engine.info(), max_full_row_positions=self.limits(engine).max_full_row_positions)
+        return wire.info_to_pb(info)
 
     @_rpc
     def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         engine, batcher = self._ready()
         args = wire.score_request_from_pb(request)
-        validate_score(args, engine.limits)
+        validate_score(args, self.limits(engine))
         ticket = batcher.submit_score(args, self._deadline(context))
         context.add_callback(ticket.cancel)
-        results = ticket.result(context.time_remaining())
+        results = ticket.result(remaining_s(context))
         return pb.ScoreResponse(sequences=[wire.scored_to_pb(r) for r in results])
 
     @_rpc
     def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         engine, batcher = self._ready()
         prompts, params = wire.generate_request_from_pb(request)
-        validate_generate(prompts, params, engine.limits)
+        validate_generate(prompts, params, self.limits(engine))
         ticket = batcher.submit_generate(prompts, params, self._deadline(context))
         context.add_callback(ticket.cancel)
-        results = ticket.result(context.time_remaining())
+        results = ticket.result(remaining_s(context))
         return pb.GenerateResponse(generations=[wire.generation_to_pb(g) for g in results])
 
 

@@ -180,9 +180,11 @@ def busy(slow_model, tmp_path_factory, start_server_fn):
 
 @pytest.fixture(scope="module")
 def strict(tiny_llama, tmp_path_factory, start_server_fn):
-    """Tiny model with small limits: 1 MiB messages, top_k <= 16, full rows for <= 64 positions."""
+    """Tiny model with small limits: 1 MiB messages each way, top_k <= 16, full rows for <= 64
+    positions."""
     metrics_port = free_port()
     server = start_server_fn(tiny_llama, tmp_path_factory.mktemp("strict"), "--max-message-mb", "1",
+                          "--max-request-mb", "1",
                           "--top-k-limit", "16", "--max-full-row-positions", "64",
                           "--max-wait-ms", "100", "--metrics-port", str(metrics_port))
     server.metrics_port = metrics_port
@@ -302,6 +304,34 @@ def test_r11_message_over_the_limit_is_resource_exhausted_and_next_request_succe
     assert_alive(server, raw)
 
 
+def test_r11_a_reply_over_the_limit_is_refused_before_any_work_naming_the_numbers(strict):
+    """The reply size is checked against the message limit up front: an INVALID_ARGUMENT in well
+    under a second that says how big the reply would be, not a failure after the computation."""
+    server, raw, _ = strict
+    for method, request in (("Score", BAD_SCORE["reply over the message limit"]),
+                            ("Generate", BAD_GENERATE["reply over the message limit"])):
+        code, err, elapsed = raw.call(method, request, timeout=30)
+        assert code == INVALID, err
+        assert re.search(r"reply would take about [\d,]+ bytes .* limit of 1,048,576 bytes",
+                         err.details()), err.details()
+        assert elapsed < 1.0, (method, elapsed)
+    assert_alive(server, raw)
+
+
+def test_no_deadline_calls_are_answered(strict):
+    """Stock clients send no deadline by default; both RPCs must work without one (no limit)."""
+    server, raw, _ = strict
+    score = raw.stub.Score.future(score_req(top_k=4))  # no timeout: no deadline on the wire
+    generate = raw.stub.Generate.future(gen_req(max_new_tokens=3, seed=1))
+    try:
+        assert [list(s.topk_ids.shape) for s in score.result(timeout=60).sequences] == [[len(PROMPT) - 1, 4]]
+        assert len(generate.result(timeout=60).generations[0].token_ids.data) == 3 * 4
+    finally:
+        score.cancel()
+        generate.cancel()
+    assert "internal error" not in server.log()
+
+
 def test_r11_client_does_not_retry_an_oversized_message(strict):
     server, raw, info = strict
     seq = list(range(500)) * 1100
@@ -361,6 +391,23 @@ def test_r12_backpressure_small_queue_refuses_quickly_and_memory_stays_flat(busy
         assert metric(after, "distillery_teacher_queue_depth") == 0
         rss.append(rss_mb(server.pid))
     assert rss[1] < rss[0] + 50, f"RSS grew from {rss[0]:.0f} MB to {rss[1]:.0f} MB"
+    assert_alive(server, raw)
+
+
+@pytest.mark.slow
+def test_r12_a_burst_beyond_the_rpc_threads_gets_one_kind_of_refusal(busy):
+    """160 concurrent calls against 128 RPC threads and a queue of 4: whatever is refused is
+    refused by the queue, with the retry marker; gRPC's own concurrency limit (which answers
+    without the marker, so clients would not retry) never fires."""
+    server, raw = busy
+    results = _burst(raw, 160, score_req(list(np.arange(64) % 500), top_k=4))
+    codes = [r[0] for r in results]
+    assert set(codes) <= {OK, EXHAUSTED}, codes
+    assert codes.count(OK) >= 1 and codes.count(EXHAUSTED) >= 1, codes
+    for code, reply, _ in results:
+        if code == EXHAUSTED:
+            assert retryable(reply), reply.details()
+            assert "queue is full" in reply.details(), reply.details()
     assert_alive(server, raw)
 
 
@@ -568,6 +615,8 @@ BAD_SCORE = {
     "top_k negative": score_req(top_k=-1),
     "full rows over limit": score_req(list(range(40)), list(range(40)), score_from=[7, 7],
                                       return_full_logprobs=True),
+    # 17 x 499 positions at top_k 16: a ~1.15 MB reply, over the 1 MiB message limit.
+    "reply over the message limit": score_req(*[list(np.arange(500) % 100)] * 17, top_k=16),
 }
 
 BAD_GENERATE = {
@@ -601,6 +650,8 @@ BAD_GENERATE = {
     "stop id == vocab": gen_req(stop_ids=[V]),
     "stop id negative": gen_req(stop_ids=[3, -1]),
     "too many prompts": gen_req(*([[1, 2]] * 1025)),
+    "reply over the message limit": gen_req(*([[1, 2]] * 300), max_new_tokens=500,
+                                            return_logprobs=True, logprobs_top_k=16),
 }
 
 # Valid, if unusual: must be answered (never INTERNAL) with finite numbers where they are defined.

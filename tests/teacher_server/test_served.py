@@ -213,6 +213,25 @@ def test_reflection_lists_the_teacher_service(served_llama):
         assert [m.name for m in service.methods] == ["Info", "Score", "Generate"]
 
 
+def test_reflection_answers_on_v1_as_well_as_v1alpha(served_llama):
+    """Current tools ask grpc.reflection.v1, older ones v1alpha; both list and describe."""
+    from grpc_reflection.v1alpha import reflection_pb2 as rpb
+
+    with grpc.insecure_channel(served_llama.endpoint) as channel:
+        for version in ("v1", "v1alpha"):
+            call = channel.stream_stream(
+                f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                request_serializer=rpb.ServerReflectionRequest.SerializeToString,
+                response_deserializer=rpb.ServerReflectionResponse.FromString)
+            asks = [rpb.ServerReflectionRequest(list_services=""),
+                    rpb.ServerReflectionRequest(file_containing_symbol="distillery.teacher.v1.Teacher")]
+            listed, described = list(call(iter(asks), timeout=10))
+            names = {s.name for s in listed.list_services_response.service}
+            assert {"distillery.teacher.v1.Teacher", "grpc.health.v1.Health",
+                    "grpc.reflection.v1.ServerReflection"} <= names, (version, names)
+            assert described.file_descriptor_response.file_descriptor_proto, version
+
+
 # ------------------------------------------------------------------- more servers (slow setup)
 @pytest.mark.slow
 def test_unbatched_server_equals_local_and_never_merges(metered, local):
