@@ -4,8 +4,10 @@
     python bench/teacher_bench.py --quick         # a smoke run on a tiny model
     python bench/teacher_bench.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16
 
-One run measures everything on the same model and the same token stream; every throughput figure
-is the median of --repeats runs. Rows:
+One run measures everything on the same model and the same token stream, interleaved: each of
+--repeats rounds runs the in-process limit and then every served setting (both servers stay up),
+so load drifting during the run hits all alike. Throughputs are medians over rounds; ratios are
+medians of the per-round ratios. Rows:
 1. in-process batched forward (LocalTeacher.score over the engine, big batches): the limit;
 2. served Score with 1, 8, 32 concurrent clients, dynamic batching on;
 3. the same with batching off (server --max-batch-requests 1);
@@ -17,7 +19,6 @@ The server runs as its own process (`distillery teacher serve`) on 127.0.0.1; cl
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import os
 import statistics
 import sys
@@ -144,10 +145,6 @@ def latency(endpoint: str, vocab: int, n: int = 200) -> tuple[float, float]:
     return statistics.median(samples), q[98]
 
 
-def median_of(fn, repeats: int) -> float:
-    return statistics.median(fn() for _ in range(repeats))
-
-
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -165,38 +162,47 @@ def main() -> None:
               f"{torch.get_num_threads()} torch threads", flush=True)
 
         in_process(local, stream[:8], args, 8)  # warm up
-        rows: list[tuple[str, float]] = []
-        # The limit: the better of two batch sizes (on CPU the best batch is often small).
-        base = max(median_of(partial(in_process, local, stream, args, b), args.repeats) for b in (8, 32))
-        rows.append(("in-process batched forward (best of 8 / 32 sequences)", base))
-        print(f"  in-process: {base:,.0f} tok/s", flush=True)
+        servers = {"batching on": start_server(model, args, "--max-wait-ms", "5"),
+                   "batching off": start_server(model, args, "--max-batch-requests", "1")}
+        # Interleaved: every repeat measures the in-process limit and then each served setting,
+        # so a change in machine load hits all of them alike; ratios are taken within a repeat.
+        names = ["in-process"] + [f"{label}/{c}" for label in servers for c in (1, 8, 32)]
+        runs: dict[str, list[float]] = {name: [] for name in names}
+        try:
+            for repeat in range(args.repeats):
+                # The limit: the better of two batch sizes (on CPU the best batch is often small).
+                runs["in-process"].append(max(in_process(local, stream, args, b) for b in (8, 32)))
+                for label, server in servers.items():
+                    for clients in (1, 8, 32):
+                        runs[f"{label}/{clients}"].append(served(server.endpoint, stream, args, clients))
+                print(f"  repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+                    f"{name} {vals[-1]:,.0f}" for name, vals in runs.items()) + " tok/s", flush=True)
+            wire_rows = wire_bytes(servers["batching on"].endpoint, stream, args, info.vocab_size)
+            p50, p99 = latency(servers["batching on"].endpoint, info.vocab_size)
+        finally:
+            for server in servers.values():
+                server.stop()
         del local
 
-        results: dict[tuple[str, int], float] = {}
-        for label, flags in [("batching on", ("--max-wait-ms", "5")),
-                             ("batching off", ("--max-batch-requests", "1"))]:
-            server = start_server(model, args, *flags)
-            try:
-                for clients in (1, 8, 32):
-                    rate = median_of(lambda: served(server.endpoint, stream, args, clients), args.repeats)
-                    results[(label, clients)] = rate
-                    rows.append((f"served, {label}, {clients} clients", rate))
-                    print(f"  served {label} {clients:2d} clients: {rate:,.0f} tok/s", flush=True)
-                if label == "batching on":
-                    wire_rows = wire_bytes(server.endpoint, stream, args, info.vocab_size)
-                    p50, p99 = latency(server.endpoint, info.vocab_size)
-            finally:
-                server.stop()
+    def ratio(name: str, to: str = "in-process") -> float:
+        return statistics.median(a / b for a, b in zip(runs[name], runs[to]))
 
+    base = statistics.median(runs["in-process"])
+    rows = [("in-process batched forward (best of 8 / 32 sequences)", base, 1.0)]
+    for label in servers:
+        for clients in (1, 8, 32):
+            name = f"{label}/{clients}"
+            rows.append((f"served, {label}, {clients} clients", statistics.median(runs[name]),
+                         ratio(name)))
     print()
-    print("| measurement | tokens/s | × in-process |")
+    print("| measurement | tokens/s (median) | × in-process (median of per-repeat ratios) |")
     print("|---|---:|---:|")
-    for name, rate in rows:
-        print(f"| {name} | {rate:,.0f} | {rate / base:.2f} |")
+    for name, rate, r in rows:
+        print(f"| {name} | {rate:,.0f} | {r:.2f} |")
     print()
     for clients in (1, 8, 32):
-        on, off = results[("batching on", clients)], results[("batching off", clients)]
-        print(f"batching on / off at {clients} clients: {on / off:.2f}x")
+        print(f"batching on / off at {clients} clients: "
+              f"{ratio(f'batching on/{clients}', f'batching off/{clients}'):.2f}x")
     print()
     print("| response payload | bytes per scored position | vs full rows |")
     print("|---|---:|---:|")
