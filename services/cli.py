@@ -290,13 +290,18 @@ def train(
 ) -> None:
     """Run one distillation job in this process (local or served teacher), with a progress bar."""
     from student_worker.config import JobSpec
-    from student_worker.trainer import NonFiniteLoss, Trainer, build_teacher
+    from student_worker.trainer import NonFiniteLoss, Trainer, build_teacher, check_inputs
     from services.progress import TrainProgress
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = JobSpec.from_file(spec_path)
     if run_dir is not None:
         spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"dir": str(run_dir)})})
+    try:  # before the teacher loads: one line naming the field, not a traceback minutes later
+        check_inputs(spec)
+    except ValueError as exc:
+        typer.echo(f"{spec_path}: {exc}", err=True)
+        raise typer.Exit(2)
     with TrainProgress(spec) as progress:
         trainer = Trainer(spec, build_teacher(spec.teacher), on_metrics=progress.update)
         try:

@@ -216,6 +216,32 @@ class JobSpec(_Strict):
         return self.model_dump_json(indent=2)
 
 
+def sequence_lengths(spec: JobSpec) -> list[tuple[str, int]]:
+    """The longest sequence each enabled stage sends the teacher: (the fields that set it, tokens).
+
+    A disabled stage (warmup off, eval off, no off-policy batches) sets nothing."""
+    d, prompt = spec.distill, "data.max_prompt_tokens"
+    needs: list[tuple[str, int]] = []
+    if d.on_policy_fraction > 0 or d.off_policy_source == "teacher":
+        needs.append((f"{prompt} + distill.max_new_tokens", d.max_new_tokens))
+    if d.on_policy_fraction < 1 and d.off_policy_source == "data":
+        needs.append((f"{prompt} + data.max_response_tokens", spec.data.max_response_tokens))
+    if spec.warmup.enabled:
+        needs.append((f"{prompt} + warmup.max_new_tokens", spec.warmup.max_new_tokens))
+    if spec.eval.enabled and spec.eval.teacher:
+        needs.append((f"{prompt} + eval.max_new_tokens", spec.eval.max_new_tokens))
+    return [(fields, spec.data.max_prompt_tokens + n) for fields, n in needs]
+
+
+def check_teacher_length(spec: JobSpec, teacher_limit: int) -> None:
+    """Refuse, naming the fields to change, a spec whose enabled stages exceed the teacher's limit."""
+    over = [(fields, n) for fields, n in sequence_lengths(spec) if n > teacher_limit]
+    if over:
+        parts = "; ".join(f"{fields} = {n}" for fields, n in over)
+        raise ValueError(f"sequences longer than the teacher's limit of {teacher_limit} tokens: {parts}. "
+                         f"Lower these fields (or give the teacher a longer --max-sequence-length)")
+
+
 # Fields that may change between a checkpoint and the run resuming from it: where things run and
 # how often the run reports, never what it computes. Prefixes of dotted field paths.
 RESUME_SAFE = (

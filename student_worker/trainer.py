@@ -49,7 +49,7 @@ from teacher_server.engine import check_model_dir, tokenizer_fingerprint
 from . import fsdp
 from . import warmup as warmup_mod
 from .checkpoint import CheckpointManager, CheckpointRef, write_text_atomic
-from .config import JobSpec, TeacherSpec, resume_changes
+from .config import JobSpec, TeacherSpec, check_teacher_length, resume_changes
 from .distributed import Comm
 from .data import Example, ShardedOrder, load_splits
 from .eval import evaluate_models
@@ -66,6 +66,29 @@ class NonFiniteLoss(RuntimeError):
     """Too many non-finite losses in a row; the job fails with reason `non_finite_loss`."""
 
     reason = "non_finite_loss"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def check_inputs(spec: JobSpec) -> None:
+    """Check every local input of the job before anything loads, naming the spec field at fault:
+    model directories (config.json, safetensors weights; the student's tokenizer too) and data
+    files. A path is always a path here: nothing is ever looked up on a model hub."""
+    dirs = [("student.model", spec.student.model, True)]
+    if spec.teacher.local_model:
+        dirs.append(("teacher.local_model", spec.teacher.local_model, False))
+    for field, path, needs_tokenizer in dirs:
+        try:
+            check_model_dir(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ValueError(f"{field}: {exc}") from None
+        if needs_tokenizer and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+            raise ValueError(f"{field}: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                             f"save the tokenizer beside the weights")
+    for field, path in (("data.path", spec.data.path), ("data.eval_path", spec.data.eval_path)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{field}: {path} is not a file")
 
 
 def build_teacher(spec: TeacherSpec) -> Teacher:
@@ -103,7 +126,7 @@ def load_student(path: str | Path, precision: str, device: str) -> torch.nn.Modu
     check_model_dir(path)
     dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True)
     return model.to(device)
 
 
@@ -145,7 +168,8 @@ class Trainer:
         from transformers import AutoTokenizer
 
         spec = self.spec
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.student.model)
+        check_inputs(spec)
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.student.model, local_files_only=True)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_id = self.tokenizer.eos_token_id
         ref = resume_from or self.ckpt.latest_valid()
@@ -158,12 +182,7 @@ class Trainer:
         info = self.teacher.info()
         info.check_compatible(int(self.model.get_output_embeddings().weight.shape[0]),
                               tokenizer_fingerprint(self.tokenizer))
-        longest = spec.data.max_prompt_tokens + max(spec.distill.max_new_tokens, spec.warmup.max_new_tokens,
-                                                    spec.data.max_response_tokens)
-        if longest > info.max_sequence_length:
-            raise ValueError(f"prompts of {spec.data.max_prompt_tokens} tokens + responses of up to "
-                             f"{longest - spec.data.max_prompt_tokens} exceed the teacher's limit of "
-                             f"{info.max_sequence_length} tokens")
+        check_teacher_length(spec, info.max_sequence_length)
         self.train_set, self.eval_set = load_splits(spec.data, self.tokenizer, spec.seed)
         self.order = ShardedOrder(len(self.train_set), spec.distill.batch_size, rank=self.rank,
                                   world=self.world, seed=spec.seed)

@@ -251,3 +251,67 @@ def test_train_cli_runs_a_spec_file(make_spec, tmp_path):
     summary = json.loads((tmp_path / "cli-run" / "summary.json").read_text())
     assert summary["stage"] == "done" and "student" in summary["eval"]
     shutil.rmtree(tmp_path / "cli-run")
+
+
+# ---- checks a new user meets: the field at fault is named, disabled stages do not count ----------
+def test_a_disabled_stage_does_not_enter_the_teacher_length_check(make_spec):
+    from student_worker.config import check_teacher_length, sequence_lengths
+
+    # The teacher takes 64 tokens: 16 + 6 (distill) fits; warmup's 16 + 100 would not, but it is off.
+    spec = make_spec(warmup={"enabled": False, "max_new_tokens": 100},
+                     eval={"enabled": False, "max_new_tokens": 200})
+    assert [f for f, _ in sequence_lengths(spec)] == ["data.max_prompt_tokens + distill.max_new_tokens"]
+    check_teacher_length(spec, 64)
+    spec = make_spec(warmup={"enabled": True, "max_new_tokens": 100})
+    with pytest.raises(ValueError, match=r"data.max_prompt_tokens \+ warmup.max_new_tokens = 116") as exc:
+        check_teacher_length(spec, 64)
+    assert "distill" not in str(exc.value)  # only what is over the limit is named
+    # Off-policy from the data set: the reference responses count, sampling does not.
+    spec = make_spec(distill={"on_policy_fraction": 0.0, "max_new_tokens": 100})
+    assert [f for f, _ in sequence_lengths(spec)] == ["data.max_prompt_tokens + data.max_response_tokens"]
+    check_teacher_length(spec, 64)
+
+
+@pytest.mark.parametrize("field, broken, message", [
+    ("student", "missing", r"student.model: .*missing is not a model directory \(no config.json\)"),
+    ("student", "relative/looking/path", r"student.model: relative/looking/path is not a model directory"),
+    ("student", "no-tokenizer", r"student.model: .*no tokenizer files"),
+    ("teacher", "missing", r"teacher.local_model: .*missing is not a model directory"),
+    ("data", "missing.jsonl", r"data.path: .*missing.jsonl is not a file"),
+])
+def test_inputs_are_checked_before_anything_loads_naming_the_field(make_spec, tmp_path, tiny_student,
+                                                                  field, broken, message):
+    from student_worker.trainer import check_inputs
+
+    if broken == "no-tokenizer":
+        target = tmp_path / "no-tokenizer"
+        target.mkdir()
+        for f in tiny_student.iterdir():
+            if f.is_file() and not f.name.startswith(("tokenizer", "special_tokens")):
+                (target / f.name).write_bytes(f.read_bytes())
+        broken = str(target)
+    elif broken != "relative/looking/path":
+        broken = str(tmp_path / broken)
+    section = {"student": {"student": {"model": broken}}, "teacher": {"teacher": {"local_model": broken}},
+               "data": {"data": {"path": broken}}}[field]
+    spec = make_spec(**section)
+    with pytest.raises(ValueError, match=message):
+        check_inputs(spec)
+
+
+def test_train_cli_refuses_a_mistyped_student_in_one_line_before_the_teacher_loads(make_spec, tmp_path,
+                                                                                   monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    import student_worker.trainer as trainer_mod
+    from services.cli import app
+
+    monkeypatch.setattr(trainer_mod, "build_teacher", lambda *_: pytest.fail("the teacher was loaded"))
+    spec = make_spec(student={"model": "models/studnet"})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(json.loads(spec.to_json())))
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 2
+    assert "student.model: models/studnet is not a model directory" in result.output
+    assert "Traceback" not in result.output and "Repo id" not in result.output
