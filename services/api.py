@@ -8,7 +8,7 @@ Three layers (STYLE 1): the router turns HTTP into calls on `JobService`; `JobSe
 checks a spec, applies the path policy and talks to `JobStore`; the store talks to Redis. Every
 error becomes a status code in one function, `error_response` (STYLE 7).
 
-Request policy (ARCHITECTURE §6, RELIABILITY R-30..R-34):
+Request policy (R-30..R-34, docs/reliability.md):
 - Bearer keys from DISTILLERY_API_KEYS, compared with hmac.compare_digest against every key; with
   no keys the API is open, which `serve` allows on loopback only. /healthz, /readyz, /metrics and
   the OpenAPI document are always open.

@@ -283,6 +283,35 @@ def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f", help=
         _fail(exc)
 
 
+@app.command("spec")
+def spec(
+    markdown: bool = typer.Option(False, "--markdown", help="Print docs/spec-reference.md instead."),
+    field: Optional[str] = typer.Argument(None, help="Only fields starting with this, e.g. distill."),
+) -> None:
+    """Every job-spec field with its type, default, unit, range and description."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from student_worker.spec_reference import NOTES, field_rows, render_markdown
+
+    if markdown:
+        typer.echo(render_markdown(), nl=False)
+        return
+    rows = [r for r in field_rows() if field is None or r.path.startswith(field)]
+    if not rows:
+        typer.echo(f"no spec field starts with {field!r}", err=True)
+        raise typer.Exit(2)
+    table = Table(show_lines=False)
+    for col in ("field", "type", "default", "unit", "range", "description"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r.path, r.type, r.default, r.unit, r.range, r.description)
+    console = Console()
+    console.print(table)
+    if field is None:
+        console.print(NOTES.replace("**", "").replace("`", ""))
+
+
 @app.command("train")
 def train(
     spec_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job spec (YAML or JSON)."),

@@ -91,7 +91,7 @@ class WarmupSpec(_Strict):
     prompts: int = Field(64, ge=1, le=1_000_000, description="Warmup prompts taken from the training data.")
     samples_per_prompt: int = Field(2, ge=1, le=64, description="Student samples n per warmup prompt.")
     rule: Literal["prob_diff", "log_ratio", "teacher_prob", "teacher_rank"] = Field(
-        "prob_diff", description="Margin rule that flags low-probability knowledge (ARCHITECTURE §4).")
+        "prob_diff", description="Margin rule that flags low-probability knowledge (docs/training.md).")
     threshold: float = Field(0.5, description="η: flag when M_t > η (prob_diff, log_ratio) or P_t < η (teacher_prob).")
     rank_k: int = Field(10, ge=1, le=1024, description="teacher_rank: flag tokens outside the teacher's top rank_k.")
     replacement: Literal["argmax", "sample"] = Field(

@@ -1,7 +1,7 @@
 """Warmup-Distill: preference pairs from the student's low-probability knowledge, then DPO.
 
 Sun et al., "Warmup-Distill: Bridge the Distribution Mismatch between Teacher and Student before
-Knowledge Distillation" (arXiv 2502.11766); ARCHITECTURE §4. One warmup stage on one rank:
+Knowledge Distillation" (arXiv 2502.11766); docs/training.md. One warmup stage on one rank:
 
     pairs, stats = build_pairs(student, teacher, prompts, spec, eos_id=eos, seed=seed)
     reference = frozen_copy(student)
