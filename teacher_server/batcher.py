@@ -1,14 +1,47 @@
-"""Dynamic cross-request batching in front of a `TeacherEngine`.
+"""Dynamic cross-request batching in front of a `TeacherEngine`, without head-of-line blocking.
 
-One worker thread owns the engine. Requests wait in one bounded FIFO queue; the worker takes the
-oldest request, waits at most `max_wait_ms` from its arrival for compatible company (every Score
-is compatible with every other; Generates are compatible when their sampling parameters match,
-seeds aside), merges up to `max_batch_tokens` / `max_batch_requests`, runs one engine call and
-hands each request its slice.
+One worker thread owns the engine. Requests wait in one bounded queue (`_q.items`); the worker
+repeatedly runs one *step*, a unit of engine work bounded in tokens and therefore in time:
 
+- A Score step takes at most `max_batch_tokens` tokens (sum of sequence lengths) of Score work
+  from at most `max_batch_requests` requests. A Score request bigger than that is served in
+  slices of whole sequences over several steps, and stays in the queue until its last sequence
+  has been handed out; its answer is put together in its own order when the last slice is done.
+  (A single sequence longer than `max_batch_tokens` is one slice on its own.)
+- Fairness between Score requests is round-robin. The requests of a step are the (at most
+  `max_batch_requests`) served least recently, a new request counting as served just before it
+  arrived, ties in arrival order; the step is filled one sequence per request per round. So a
+  newly arrived small request is in the very next step, beside a slice of the big one, and a
+  stream of small requests cannot starve a big one: its turn comes back before that of anything
+  that arrived after it was last served, and it gets a sequence in every round of its step.
+- A Generate batch is formed as before (oldest Generate first, merged with waiting Generates of
+  equal sampling parameters, seeds aside, up to the token / request limits) and run as one
+  engine call; its decoding loop cannot be sliced across calls, so Score work runs *inside* it:
+  the generate loop polls `cancelled(i)` at every decoding step, and the batcher's poll runs
+  one pending Score step there, on the worker thread, between two forward passes (the engine's
+  lock is re-entrant for exactly this). The Generate's KV cache and its per-row generators are
+  not touched, so seeded generations are the same with or without Score work in between. Score
+  gets at most `score_share` of the time while a Generate runs: after an interleaved step of d
+  seconds the next one waits for d * (1 - share) / share seconds of decoding.
+- When both kinds wait, the worker alternates between a Score step and a Generate batch.
+- A fresh request waits at most `max_wait_ms` from its arrival for company, as before; a Score
+  step that continues a request already started does not wait.
+
+Bounds (T = the engine time of one step of `max_batch_tokens` tokens): a small Score that arrives
+while a big Score runs waits for the step in flight and is in the next one: about 2T, however big
+the big request is. During a Generate it waits for the decoding step in flight, at most
+T * (1 - share) / share of decoding after the previous interleaved Score step, then its own step:
+about 2T + one decoding step at the default share of 0.5. A Generate that arrives during a big
+Score waits for one Score step. Generates still wait for the Generate batch before them.
+
+Other guarantees:
 - A full queue refuses new work at once (`Overloaded` -> RESOURCE_EXHAUSTED); it never grows.
-- A request whose caller cancelled it or whose deadline passed is dropped before its batch runs;
-  a Generate cancelled while running leaves the batch at the next decoding step.
+  A Score request being served in slices counts as waiting until its last slice is handed out.
+- A request whose caller cancelled it or whose deadline passed is dropped before its next step;
+  its rows are skipped by the engine at the next forward pass (`TeacherEngine.score(cancelled=)`),
+  and a Generate cancelled while running leaves the batch at the next decoding step.
+- Each request's answer equals an unbatched run's (slices and neighbours change only which rows
+  share a forward pass).
 """
 
 from __future__ import annotations
@@ -32,10 +65,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatcherConfig:
-    max_batch_tokens: int = 16384  # tokens merged into one engine call (prompt + new tokens)
+    max_batch_tokens: int = 16384  # tokens in one engine call (prompt + new tokens); bigger Score
+    #                                requests are served in slices of this size
     max_batch_requests: int = 64  # 1 turns batching off
     max_wait_ms: float = 5.0  # longest a request waits for company
     max_queue: int = 256  # requests waiting; more are refused
+    score_share: float = 0.5  # most of the time Score steps take while a Generate runs
 
 
 class Ticket:
@@ -51,10 +86,23 @@ class Ticket:
         self._result: Any = None
         self._error: BaseException | None = None
         self._cancelled = False
+        # Score progress, kept by the worker thread only.
+        self.next_seq = 0  # sequences handed to the engine so far
+        self.finished_seqs = 0  # sequences whose results are in
+        self.parts: list[Any] = []
+        self.last_served = -1  # the Score step that last took work from this request
 
     @property
     def key(self) -> tuple:
         return ("score",) if self.kind == "score" else ("generate", self.payload[1].batch_key())
+
+    @property
+    def started(self) -> bool:
+        return self.next_seq > 0
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.payload.sequences)
 
     def cancel(self) -> None:
         self._cancelled = True
@@ -86,14 +134,25 @@ class _Queue:
     cond: threading.Condition = field(default_factory=threading.Condition)
 
 
+# One Score step: (ticket, indices of its sequences) per request taking part.
+_Step = list[tuple[Ticket, list[int]]]
+
+
 class Batcher:
     def __init__(self, engine: TeacherEngine, config: BatcherConfig = BatcherConfig(),
                  metrics: TeacherMetrics | None = None) -> None:
+        if not 0.0 < config.score_share < 1.0:
+            raise ValueError(f"score_share must be in (0, 1), got {config.score_share}")
         self.engine = engine
         self.config = config
         self.metrics = metrics or TeacherMetrics()
         self._q = _Queue()
         self._stopping = False
+        self._steps = 0  # Score steps taken, for round-robin
+        self._last_kind: str | None = None
+        self._scores_waiting = 0  # Score tickets in the queue (a cheap check for the generate poll)
+        self._interleave_after = 0.0  # no interleaved Score step before this time.monotonic()
+        self._interleaved_s = 0.0  # seconds of Score run inside the current Generate
         self._thread = threading.Thread(target=self._loop, name="teacher-batcher", daemon=True)
 
     def start(self) -> "Batcher":
@@ -109,7 +168,10 @@ class Batcher:
 
     # ------------------------------------------------------------------ submit
     def submit_score(self, args: ScoreArgs, deadline: float | None = None) -> Ticket:
-        return self._enqueue(Ticket("score", args, sum(len(s) for s in args.sequences), deadline))
+        ticket = Ticket("score", args, sum(len(s) for s in args.sequences), deadline)
+        ticket.parts = [None] * len(args.sequences)
+        ticket.last_served = self._steps - 1  # round-robin: its turn comes after those served since
+        return self._enqueue(ticket)
 
     def submit_generate(self, prompts: list[torch.Tensor], params: SamplingParams,
                         deadline: float | None = None) -> Ticket:
@@ -124,65 +186,206 @@ class Batcher:
                 self.metrics.rejected.inc()
                 raise Overloaded(f"teacher queue is full ({self.config.max_queue} requests waiting)")
             self._q.items.append(ticket)
+            self._scores_waiting += ticket.kind == "score"
             self.metrics.queue_depth.set(len(self._q.items))
             self._q.cond.notify_all()
         return ticket
 
+    def _remove(self, ticket: Ticket) -> None:
+        """Take `ticket` out of the queue if it is there (caller holds the condition)."""
+        try:
+            self._q.items.remove(ticket)
+        except ValueError:
+            return
+        self._scores_waiting -= ticket.kind == "score"
+        self.metrics.queue_depth.set(len(self._q.items))
+
+    def _fail(self, ticket: Ticket, error: BaseException) -> None:
+        with self._q.cond:
+            self._remove(ticket)
+        if not ticket._done.is_set():
+            if isinstance(error, Cancelled):
+                self.metrics.cancelled.inc()
+            ticket.set_error(error)
+
+    def _drop_cancelled(self) -> None:
+        """Answer and drop every queued request that was cancelled (caller holds the condition)."""
+        for t in [t for t in self._q.items if t.cancelled]:
+            self._remove(t)
+            if not t._done.is_set():
+                self.metrics.cancelled.inc()
+                t.set_error(Cancelled("cancelled while scoring" if t.started
+                                      else "cancelled before it ran"))
+
     # ------------------------------------------------------------------ worker
     def _loop(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            job = self._next_job()
+            if job is None:
                 return
-            if batch:
-                self._run(batch)
-
-    def _next_batch(self) -> list[Ticket] | None:
-        """Block until a batch is ready; None when stopping with an empty queue."""
-        cfg = self.config
-        with self._q.cond:
-            while not self._q.items:
-                if self._stopping:
-                    return None
-                self._q.cond.wait()
-            head = self._q.items[0]
-            flush_at = head.enqueued + cfg.max_wait_ms / 1000.0
-            while not self._stopping:
-                same = [t for t in self._q.items if t.key == head.key]
-                if (len(same) >= cfg.max_batch_requests
-                        or sum(t.tokens for t in same) >= cfg.max_batch_tokens):
-                    break
-                remaining = flush_at - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._q.cond.wait(remaining)
-            batch, tokens = [], 0
-            for t in list(self._q.items):
-                if t.key != head.key:
-                    continue
-                if batch and (len(batch) >= cfg.max_batch_requests
-                              or tokens + t.tokens > cfg.max_batch_tokens):
-                    break
-                self._q.items.remove(t)
-                batch.append(t)
-                tokens += t.tokens
-            self.metrics.queue_depth.set(len(self._q.items))
-        live = []
-        for t in batch:
-            if t.cancelled:
-                t.set_error(Cancelled("cancelled before it ran"))
-                self.metrics.cancelled.inc()
+            kind, work = job
+            self._last_kind = kind
+            if kind == "score":
+                self._run_score_step(work)
             else:
-                live.append(t)
-        return live
+                self._run(work)
 
+    def _next_job(self) -> tuple[str, Any] | None:
+        """Block until a Score step or a Generate batch is ready; None when stopping with an empty
+        queue."""
+        with self._q.cond:
+            while True:
+                self._drop_cancelled()
+                if not self._q.items:
+                    if self._stopping:
+                        return None
+                    self._q.cond.wait()
+                    continue
+                now = time.monotonic()
+                score_at = self._score_ready_at(now)
+                generate_at = self._generate_ready_at(now)
+                ready = [k for k, at in (("score", score_at), ("generate", generate_at))
+                         if at is not None and at <= now]
+                if len(ready) == 2:  # both kinds wait: alternate
+                    ready = ["generate" if self._last_kind == "score" else "score"]
+                if ready == ["score"]:
+                    return "score", self._take_score_step()
+                if ready == ["generate"]:
+                    return "generate", self._take_generate_batch()
+                self._q.cond.wait(min(at for at in (score_at, generate_at) if at is not None) - now)
+
+    def _score_ready_at(self, now: float) -> float | None:
+        """When the next Score step may run: now if one is under way or enough work waits, else
+        when the oldest waiting Score has waited `max_wait_ms` for company; None: no Score work."""
+        if not self._scores_waiting:
+            return None
+        scores = [t for t in self._q.items if t.kind == "score"]
+        cfg = self.config
+        if (self._stopping or any(t.started for t in scores)
+                or len(scores) >= cfg.max_batch_requests
+                or sum(t.tokens for t in scores) >= cfg.max_batch_tokens):
+            return now
+        return scores[0].enqueued + cfg.max_wait_ms / 1000.0
+
+    def _generate_ready_at(self, now: float) -> float | None:
+        head = next((t for t in self._q.items if t.kind == "generate"), None)
+        if head is None:
+            return None
+        cfg = self.config
+        same = [t for t in self._q.items if t.key == head.key]
+        if (self._stopping or len(same) >= cfg.max_batch_requests
+                or sum(t.tokens for t in same) >= cfg.max_batch_tokens):
+            return now
+        return head.enqueued + cfg.max_wait_ms / 1000.0
+
+    def _take_score_step(self) -> _Step:
+        """Hand out up to `max_batch_tokens` tokens of Score work, round-robin by sequence over the
+        least recently served requests (caller holds the condition)."""
+        cfg = self.config
+        scores = sorted((t for t in self._q.items if t.kind == "score"),
+                        key=lambda t: (t.last_served, t.enqueued))[:cfg.max_batch_requests]
+        taken: dict[Ticket, list[int]] = {t: [] for t in scores}
+        tokens, open_ = 0, scores
+        while open_:
+            still = []
+            for t in open_:
+                if t.next_seq >= t.num_seqs:
+                    continue
+                n = len(t.payload.sequences[t.next_seq])
+                if tokens and tokens + n > cfg.max_batch_tokens:
+                    continue  # full for this step (the first sequence always goes, however long)
+                taken[t].append(t.next_seq)
+                t.next_seq += 1
+                tokens += n
+                still.append(t)
+            open_ = still
+        for t in scores:
+            t.last_served = self._steps
+            if t.next_seq >= t.num_seqs:
+                self._remove(t)
+        self._steps += 1
+        return [(t, taken[t]) for t in scores if taken[t] or t.num_seqs == 0]
+
+    def _take_generate_batch(self) -> list[Ticket]:
+        cfg = self.config
+        head = next(t for t in self._q.items if t.kind == "generate")
+        batch, tokens = [], 0
+        for t in list(self._q.items):
+            if t.key != head.key:
+                continue
+            if batch and (len(batch) >= cfg.max_batch_requests
+                          or tokens + t.tokens > cfg.max_batch_tokens):
+                break
+            self._remove(t)
+            batch.append(t)
+            tokens += t.tokens
+        return batch
+
+    # ------------------------------------------------------------------ score
+    def _run_score_step(self, step: _Step) -> None:
+        start = time.monotonic()
+        tokens = sum(len(t.payload.sequences[i]) for t, idx in step for i in idx)
+        # Requests with different top_k / temperature / full-row flags share the decoder pass only
+        # when equal; group them (in arrival order) so each engine call has one setting.
+        groups: dict[tuple, list[tuple[Ticket, list[int]]]] = {}
+        for t, idx in sorted(step, key=lambda p: p[0].enqueued):
+            a: ScoreArgs = t.payload
+            groups.setdefault((a.top_k, a.temperature, a.full_logprobs), []).append((t, idx))
+        try:
+            for (top_k, temperature, full), part in groups.items():
+                owner = [t for t, idx in part for _ in idx]
+                if not owner:
+                    continue
+                merged = ScoreArgs(
+                    sequences=[t.payload.sequences[i] for t, idx in part for i in idx],
+                    score_from=[t.payload.score_from[i] for t, idx in part for i in idx],
+                    top_k=top_k, temperature=temperature, full_logprobs=full)
+                results = self.engine.score(merged, cancelled=lambda r: owner[r].cancelled)
+                pos = 0
+                for t, idx in part:
+                    for i in idx:
+                        t.parts[i] = results[pos]
+                        pos += 1
+                    t.finished_seqs += len(idx)
+        except Exception as exc:  # the engine failed: every request of the step hears why
+            if not isinstance(exc, TeacherError):
+                log.exception("teacher score step failed")
+            for t, _ in step:
+                self._fail(t, exc)
+        finally:
+            self.metrics.observe_batch("score", len(step), tokens, time.monotonic() - start)
+        for t, _ in step:
+            if t._done.is_set():
+                continue
+            if t.cancelled:
+                self._fail(t, Cancelled("cancelled while scoring"))
+            elif t.finished_seqs == t.num_seqs:
+                t.set_result(t.parts)
+
+    def _interleave_score(self) -> None:
+        """Called at every decoding step of a Generate: run one pending Score step, within the
+        Score share of the time."""
+        if not self._scores_waiting or time.monotonic() < self._interleave_after:
+            return
+        with self._q.cond:
+            self._drop_cancelled()
+            at = self._score_ready_at(time.monotonic())
+            if at is None or at > time.monotonic():
+                return
+            step = self._take_score_step()
+        began = time.monotonic()
+        self._run_score_step(step)
+        took = time.monotonic() - began
+        self._interleaved_s += took
+        share = self.config.score_share
+        self._interleave_after = time.monotonic() + took * (1 - share) / share
+
+    # ------------------------------------------------------------------ generate
     def _run(self, batch: list[Ticket]) -> None:
         start = time.monotonic()
+        self._interleaved_s = 0.0
         try:
-            if batch[0].kind == "score":
-                self._run_score(batch)
-            else:
-                self._run_generate(batch)
+            self._run_generate(batch)
         except TeacherError as exc:
             for t in batch:
                 t.set_error(exc)
@@ -192,26 +395,7 @@ class Batcher:
                 t.set_error(exc)
         finally:
             self.metrics.observe_batch(batch[0].kind, len(batch), sum(t.tokens for t in batch),
-                                       time.monotonic() - start)
-
-    def _run_score(self, batch: list[Ticket]) -> None:
-        # Requests with different top_k / temperature / full-row flags share the decoder pass only
-        # when equal; group them so each engine call has one setting.
-        groups: dict[tuple, list[Ticket]] = {}
-        for t in batch:
-            a: ScoreArgs = t.payload
-            groups.setdefault((a.top_k, a.temperature, a.full_logprobs), []).append(t)
-        for (top_k, temperature, full), tickets in groups.items():
-            merged = ScoreArgs(
-                sequences=[s for t in tickets for s in t.payload.sequences],
-                score_from=[f for t in tickets for f in t.payload.score_from],
-                top_k=top_k, temperature=temperature, full_logprobs=full)
-            results = self.engine.score(merged)
-            pos = 0
-            for t in tickets:
-                n = len(t.payload.sequences)
-                t.set_result(results[pos:pos + n])
-                pos += n
+                                       time.monotonic() - start - self._interleaved_s)
 
     def _run_generate(self, batch: list[Ticket]) -> None:
         prompts, seeds, budgets, owner = [], [], [], []
@@ -222,9 +406,13 @@ class Batcher:
                 seeds.append(None if params.seed is None else row_seed(params.seed, i))
                 budgets.append(params.max_new_tokens)
                 owner.append(t)
+
+        def poll(i: int) -> bool:
+            self._interleave_score()  # between two forward passes of the decoding loop
+            return owner[i].cancelled
+
         results = self.engine.generate(prompts, batch[0].payload[1], seeds=seeds,
-                                       max_new_tokens=budgets,
-                                       cancelled=lambda i: owner[i].cancelled)
+                                       max_new_tokens=budgets, cancelled=poll)
         pos = 0
         for t in batch:
             n = len(t.payload[0])

@@ -103,7 +103,10 @@ class TeacherEngine:
         self.vocab_size = int(self._head.weight.shape[0])
         max_pos = int(getattr(model.config, "max_position_embeddings", 2048))
         self.max_sequence_length = min(config.max_sequence_length or max_pos, max_pos)
-        self._lock = threading.Lock()  # one computation at a time; the model is not re-entrant
+        # One computation at a time across threads. Re-entrant for one case only: the batcher's
+        # worker runs a Score between two decoding steps of its own Generate (from the
+        # generate loop's `cancelled` poll, outside any forward pass; the KV cache is not touched).
+        self._lock = threading.RLock()
 
     @classmethod
     def load(cls, config: EngineConfig) -> "TeacherEngine":
@@ -134,16 +137,25 @@ class TeacherEngine:
                            device=str(self.device))
 
     # ------------------------------------------------------------------ score
-    def score(self, args: ScoreArgs) -> list[ScoredSequence]:
-        """Log-probs at positions score_from..len-1 of each sequence (inputs already validated)."""
+    def score(self, args: ScoreArgs, *,
+              cancelled: Callable[[int], bool] | None = None) -> list[ScoredSequence | None]:
+        """Log-probs at positions score_from..len-1 of each sequence (inputs already validated).
+
+        `cancelled(i)` is polled for each row before every micro-batch (forward pass): cancelled
+        rows are left out of it and return None, and a micro-batch with no row left does not run.
+        """
         results: list[ScoredSequence | None] = [None] * len(args.sequences)
         # A caller's autocast (an in-process teacher beside a mixed-precision student) must not
         # change the teacher's numbers: it computes in its own dtype, as when served.
         with self._lock, torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
             for batch in self._micro_batches([len(s) for s in args.sequences]):
+                if cancelled is not None:
+                    batch = [i for i in batch if not cancelled(i)]
+                    if not batch:
+                        continue
                 for i, res in zip(batch, self._score_batch(args, batch)):
                     results[i] = res
-        return results  # type: ignore[return-value]
+        return results
 
     def _micro_batches(self, lengths: list[int]) -> list[list[int]]:
         """Group indices by length so each group's padded size stays under max_batch_tokens."""

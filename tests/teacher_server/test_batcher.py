@@ -35,11 +35,11 @@ class Gated:
         self.calls: list[tuple[str, list[list[int]]]] = []
         self.on_poll = None  # called on every cancellation poll of a generate call
 
-    def score(self, args: ScoreArgs):
+    def score(self, args: ScoreArgs, *, cancelled=None):
         self.calls.append(("score", [s.tolist() for s in args.sequences]))
         self.entered.set()
         assert self.gate.wait(30), "test never opened the gate"
-        return self.engine.score(args)
+        return self.engine.score(args, cancelled=cancelled)
 
     def generate(self, prompts, params, *, seeds=None, max_new_tokens=None, cancelled=None):
         self.calls.append(("generate", [p.tolist() for p in prompts]))
