@@ -56,4 +56,13 @@ class TrainProgress:
             for who, r in ev.items():
                 table.add_row(who, str(r["n"]), f"{r['exact_match']:.3f}", f"{r['rouge_l']:.3f}")
             self.console.print(table)
+        timing = summary.get("timing") or {}
+        kd = timing.get("distill") or {}
+        if kd.get("steps"):
+            warm = timing.get("warmup")
+            self.console.print(
+                (f"warmup {warm['wall_s']:.1f} s, " if warm else "")
+                + f"KD {kd['wall_s']:.1f} s for {kd['steps']} steps ({kd['tokens_per_s']:.4g} tokens/s, "
+                f"{100 * kd['teacher_wait_share']:.0f} % waiting for the teacher), "
+                f"eval {timing.get('eval_wall_s', 0.0):.1f} s")
         self.console.print(f"run directory: {run_dir}")

@@ -152,6 +152,11 @@ class Trainer:
         self.is_main = rank == 0
         self.stage, self.step = "warmup" if spec.warmup.enabled else "distill", 0
         self.non_finite_streak = self.non_finite_total = 0
+        # Wall time per stage over the whole run (resumes included: kept in checkpoints).
+        self.timing: dict[str, dict[str, float]] = {
+            "warmup": {"wall_s": 0.0, "steps": 0.0},
+            "distill": {"wall_s": 0.0, "steps": 0.0, "tokens": 0.0, "teacher_s": 0.0},
+            "eval": {"wall_s": 0.0}}
         self.history: list[dict[str, Any]] = []
         self.resumed_from: CheckpointRef | None = None
         self.resume_notes: list[str] = []
@@ -238,6 +243,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "counters": {"non_finite_streak": self.non_finite_streak,
                          "non_finite_total": self.non_finite_total},
+            "timing": self.timing,
         }
 
     def save(self) -> CheckpointRef | None:
@@ -266,6 +272,9 @@ class Trainer:
         random.setstate(_as_tuple(state["rng"]["python"]))
         self.non_finite_streak = int(state["counters"]["non_finite_streak"])
         self.non_finite_total = int(state["counters"]["non_finite_total"])
+        if "timing" in state:  # checkpoints from before timing was kept start from zero
+            for stage, totals in state["timing"].items():
+                self.timing.setdefault(stage, {}).update({k: float(v) for k, v in totals.items()})
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self._pending_state = state
@@ -299,14 +308,22 @@ class Trainer:
         if self.resumed_from is None and self.spec.eval.before:  # a fresh run, at its first step
             self._eval_point("before")
         if self.stage == "warmup":
+            t0 = time.perf_counter()
             self._run_warmup()
+            self.timing["warmup"]["wall_s"] += time.perf_counter() - t0
             if self.spec.eval.after_warmup:
                 self._eval_point("warmup")
             self._advance("distill")
         if self.stage == "distill":
             every = self.spec.eval.every_steps
             while self.step < self.spec.distill.steps:
-                self._emit(self._distill_step())
+                metrics = self._distill_step()
+                t = self.timing["distill"]
+                t["wall_s"] += metrics["step_s"]
+                t["steps"] += 1
+                t["tokens"] += metrics["tokens"]
+                t["teacher_s"] += metrics["teacher_s"]
+                self._emit(metrics)
                 if every and self.step % every == 0 and self.step < self.spec.distill.steps:
                     self._eval_point("distill")
                 self._maybe_checkpoint()
@@ -316,14 +333,31 @@ class Trainer:
         if self.resume_notes:
             summary["resume_changes"] = self.resume_notes
         if self.spec.eval.enabled and self.eval_set:
+            t0 = time.perf_counter()
             with self._full_weights(), self._compute():
                 if self.is_main:
                     summary["eval"] = evaluate_models(
                         self.model, self.teacher if self.spec.eval.teacher else None, self.eval_set,
                         self.tokenizer, self.spec.eval, self.eos_id)
+            self.timing["eval"]["wall_s"] += time.perf_counter() - t0
+        summary["timing"] = self.timing_summary()
         if self.is_main:
             write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         return summary
+
+    def timing_summary(self) -> dict[str, Any]:
+        """Where the run's time went, for summary.json: wall seconds per stage (mid-run eval
+        points included in eval), and for KD its tokens/s and the share of step time spent waiting
+        for the teacher's scores, as rank 0 saw them."""
+        w, d, e = self.timing["warmup"], self.timing["distill"], self.timing["eval"]
+        out: dict[str, Any] = {"eval_wall_s": round(e["wall_s"], 3)}
+        if self.spec.warmup.enabled:
+            out["warmup"] = {"wall_s": round(w["wall_s"], 3), "steps": int(self.spec.warmup.steps)}
+        out["distill"] = {
+            "wall_s": round(d["wall_s"], 3), "steps": int(d["steps"]), "tokens": int(d["tokens"]),
+            "tokens_per_s": round(d["tokens"] / d["wall_s"], 2) if d["wall_s"] else None,
+            "teacher_wait_share": round(d["teacher_s"] / d["wall_s"], 4) if d["wall_s"] else None}
+        return out
 
     def _eval_point(self, point: str) -> None:
         """Student-only evaluation in the middle of a run, emitted as a metrics event of stage
@@ -331,11 +365,13 @@ class Trainer:
         both stages, so every point of a run has its own event key."""
         if not (self.spec.eval.enabled and self.eval_set):
             return
+        t0 = time.perf_counter()
         with self._full_weights(), self._compute():
             if not self.is_main:
                 return
             result = evaluate_models(self.model, None, self.eval_set, self.tokenizer, self.spec.eval,
                                      self.eos_id)["student"]
+        self.timing["eval"]["wall_s"] += time.perf_counter() - t0
         warmup_steps = self.spec.warmup.steps if self.spec.warmup.enabled else 0
         distill_step = self.step if point == "distill" else 0
         self._emit({"stage": "eval", "point": point, "distill_step": distill_step,

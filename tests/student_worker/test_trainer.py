@@ -250,6 +250,11 @@ def test_train_cli_runs_a_spec_file(make_spec, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "cli-run" / "summary.json").read_text())
     assert summary["stage"] == "done" and "student" in summary["eval"]
+    kd = summary["timing"]["distill"]
+    assert kd["steps"] == 2 and kd["tokens"] > 0 and kd["wall_s"] > 0
+    assert kd["tokens_per_s"] == pytest.approx(kd["tokens"] / kd["wall_s"], rel=1e-2)
+    assert 0 < kd["teacher_wait_share"] < 1 and summary["timing"]["eval_wall_s"] > 0
+    assert "tokens/s" in result.output and "waiting for the teacher" in result.output
     shutil.rmtree(tmp_path / "cli-run")
 
 
