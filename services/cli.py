@@ -53,7 +53,7 @@ def teacher_serve(
                                        "whose reply would be larger is refused before any work."),
     max_request_mb: int = typer.Option(32, min=1, help="Largest request, MiB (refused unread)."),
     rpc_threads: int = typer.Option(128, min=1, help="Threads serving calls (at least the queue "
-                                    "plus one batch plus 16)."),
+                                    "plus two batches plus 16)."),
     threads: Optional[int] = typer.Option(None, min=1, help="Engine threads on CPU (default: "
                                           "torch's, one per core). On a CPU box shared with other "
                                           "work, 1 is often fastest."),

@@ -67,7 +67,8 @@ class TeacherServer:
         self.health = health.HealthServicer()
         self.batcher: Batcher | None = None
         b = config.batcher
-        self.rpc_threads = max(config.rpc_threads, b.max_queue + b.max_batch_requests + 16)
+        # A running Generate batch and a Score step run inside it can both be out of the queue.
+        self.rpc_threads = max(config.rpc_threads, b.max_queue + 2 * b.max_batch_requests + 16)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.rpc_threads, thread_name_prefix="rpc"),
             interceptors=[BearerAuth(config.token)] if config.token else [],
