@@ -91,6 +91,7 @@ class Ticket:
         self.finished_seqs = 0  # sequences whose results are in
         self.parts: list[Any] = []
         self.last_served = -1  # the Score step that last took work from this request
+        self.first_token: float | None = None  # Generate: when its first token was sampled
 
     @property
     def key(self) -> tuple:
@@ -299,7 +300,10 @@ class Batcher:
                 tokens += n
                 still.append(t)
             open_ = still
+        now = time.monotonic()
         for t in scores:
+            if taken[t] and t.next_seq == len(taken[t]):  # its first slice: the wait ends here
+                self.metrics.queue_wait.labels("score").observe(now - t.enqueued)
             t.last_served = self._steps
             if t.next_seq >= t.num_seqs:
                 self._remove(t)
@@ -319,6 +323,9 @@ class Batcher:
             self._remove(t)
             batch.append(t)
             tokens += t.tokens
+        now = time.monotonic()
+        for t in batch:
+            self.metrics.queue_wait.labels("generate").observe(now - t.enqueued)
         return batch
 
     # ------------------------------------------------------------------ score
@@ -384,6 +391,7 @@ class Batcher:
     def _run(self, batch: list[Ticket]) -> None:
         start = time.monotonic()
         self._interleaved_s = 0.0
+        self._generated = 0
         try:
             self._run_generate(batch)
         except TeacherError as exc:
@@ -394,7 +402,8 @@ class Batcher:
             for t in batch:
                 t.set_error(exc)
         finally:
-            self.metrics.observe_batch(batch[0].kind, len(batch), sum(t.tokens for t in batch),
+            # Generate counts the tokens it generated (not the prompt + max_new_tokens budget).
+            self.metrics.observe_batch(batch[0].kind, len(batch), self._generated,
                                        time.monotonic() - start - self._interleaved_s)
 
     def _run_generate(self, batch: list[Ticket]) -> None:
@@ -407,12 +416,17 @@ class Batcher:
                 budgets.append(params.max_new_tokens)
                 owner.append(t)
 
-        def poll(i: int) -> bool:
+        def poll(i: int) -> bool:  # called for each row right after each of its tokens
+            t = owner[i]
+            if t.first_token is None:
+                t.first_token = time.monotonic()
+                self.metrics.time_to_first_token.observe(t.first_token - t.enqueued)
             self._interleave_score()  # between two forward passes of the decoding loop
-            return owner[i].cancelled
+            return t.cancelled
 
         results = self.engine.generate(prompts, batch[0].payload[1], seeds=seeds,
                                        max_new_tokens=budgets, cancelled=poll)
+        self._generated = sum(len(g.token_ids) for g in results if g is not None)
         pos = 0
         for t in batch:
             n = len(t.payload[0])

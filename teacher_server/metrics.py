@@ -20,10 +20,19 @@ class TeacherMetrics:
                                         "Requests merged into one engine call", ["kind"],
                                         buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.batch_tokens = Histogram("distillery_teacher_batch_tokens",
-                                      "Tokens in one engine call", ["kind"],
+                                      "Tokens of one engine call (generate: tokens generated)", ["kind"],
                                       buckets=(64, 256, 1024, 4096, 16384, 65536), registry=r)
         self.tokens = Counter("distillery_teacher_tokens_total",
-                              "Tokens processed (rate() of this is tokens/s)", ["kind"], registry=r)
+                              "Tokens processed: sequence tokens scored (score), tokens generated "
+                              "(generate); rate() of this is tokens/s", ["kind"], registry=r)
+        self.queue_wait = Histogram("distillery_teacher_queue_wait_seconds",
+                                    "From a request's arrival to its first engine work", ["kind"],
+                                    buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+                                    registry=r)
+        self.time_to_first_token = Histogram(
+            "distillery_teacher_time_to_first_token_seconds",
+            "Generate: from a request's arrival to its first generated token",
+            buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=r)
         self.batch_seconds = Histogram("distillery_teacher_batch_seconds",
                                        "Wall time of one engine call", ["kind"], registry=r)
         self.request_seconds = Histogram("distillery_teacher_request_seconds",

@@ -267,11 +267,20 @@ def test_metrics_endpoint_counts_tokens(metered):
     seqs = sequences([4, 9, 2], seed=5)
     with TeacherClient(server.endpoint, timeout_s=60) as c:
         c.score(seqs, [1, 1, 1], top_k=1)
-        c.generate([torch.tensor([5, 6, 7])], SamplingParams(max_new_tokens=4, seed=1))
+        first = c.generate([torch.tensor([5, 6, 7])], SamplingParams(max_new_tokens=4, seed=1))
+        # Stops at its first token: 1 token generated out of a budget of 10.
+        stopped = c.generate([torch.tensor([5, 6, 7])], SamplingParams(
+            max_new_tokens=10, seed=1, stop_ids=(int(first[0].token_ids[0]),)))
+    assert len(stopped[0].token_ids) == 1
     after = scrape(server.metrics_port)
     tokens = "distillery_teacher_tokens_total"
     assert sample(after, tokens, kind="score") - sample(before, tokens, kind="score") == 15
-    assert sample(after, tokens, kind="generate") - sample(before, tokens, kind="generate") == 3 + 4
+    assert sample(after, tokens, kind="generate") - sample(before, tokens, kind="generate") == 4 + 1
+    waits = "distillery_teacher_queue_wait_seconds_count"
+    assert sample(after, waits, kind="score") - sample(before, waits, kind="score") == 1
+    assert sample(after, waits, kind="generate") - sample(before, waits, kind="generate") == 2
+    ttft = "distillery_teacher_time_to_first_token_seconds_count"
+    assert sample(after, ttft) - sample(before, ttft) == 2
     calls = "distillery_teacher_request_seconds_count"
     ok = dict(method="Score", code="OK")
     assert sample(after, calls, **ok) - sample(before, calls, **ok) == 1
