@@ -78,6 +78,8 @@ class DataSpec(_Strict):
     path: str = Field(description="Training JSONL: one object per line with the prompt and response fields.")
     eval_path: str | None = Field(None, description="Eval JSONL; when absent, eval_fraction of `path` is held out.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of `path` held out for eval when there is no eval_path.")
+    split_seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the held-out eval rows, apart from the job's "
+                            "seed: runs that differ only in seed are evaluated on the same rows.")
     prompt_field: str = Field("prompt", min_length=1, max_length=64, description="JSON key of the prompt text.")
     response_field: str = Field("response", min_length=1, max_length=64, description="JSON key of the reference response.")
     chat_template: bool = Field(False, description="Wrap prompts with the student tokenizer's chat template.")
@@ -279,6 +281,10 @@ def resume_changes(saved: dict, current: JobSpec) -> tuple[list[SpecChange], lis
     `RESUME_SAFE` allows (eval and log cadence, where the teacher runs...). A field only one side
     has counts as a change with the other side None.
     """
+    try:  # a field added since the checkpoint was written counts as its default there
+        saved = JobSpec.model_validate(saved).model_dump(mode="json")
+    except ValueError:  # a spec a field has since been removed from: compared as saved
+        pass
     old, new = _flatten(saved), _flatten(current.model_dump(mode="json"))
     breaking, harmless = [], []
     for key in sorted(old.keys() | new.keys()):

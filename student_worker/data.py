@@ -73,14 +73,15 @@ def encode(tokenizer, prompt: str, response: str, spec: DataSpec) -> Example:
                    torch.tensor(response_ids, dtype=torch.long))
 
 
-def load_splits(spec: DataSpec, tokenizer, seed: int) -> tuple[list[Example], list[Example]]:
-    """(train, eval) examples; eval is `eval_path`, else a seeded `eval_fraction` of `path`."""
+def load_splits(spec: DataSpec, tokenizer) -> tuple[list[Example], list[Example]]:
+    """(train, eval) examples; eval is `eval_path`, else an `eval_fraction` of `path` chosen with
+    `split_seed` (not the job's seed: runs of several seeds are then scored on the same rows)."""
     rows = read_jsonl(spec.path, spec.prompt_field, spec.response_field)
     if spec.eval_path:
         eval_rows = read_jsonl(spec.eval_path, spec.prompt_field, spec.response_field)
     else:
         order = list(range(len(rows)))
-        random.Random(seed).shuffle(order)
+        random.Random(spec.split_seed).shuffle(order)
         n_eval = int(len(rows) * spec.eval_fraction)
         held = set(order[:n_eval])
         eval_rows = [rows[i] for i in sorted(held)]

@@ -188,7 +188,7 @@ class Trainer:
         info.check_compatible(int(self.model.get_output_embeddings().weight.shape[0]),
                               tokenizer_fingerprint(self.tokenizer))
         check_teacher_length(spec, info.max_sequence_length)
-        self.train_set, self.eval_set = load_splits(spec.data, self.tokenizer, spec.seed)
+        self.train_set, self.eval_set = load_splits(spec.data, self.tokenizer)
         self.order = ShardedOrder(len(self.train_set), spec.distill.batch_size, rank=self.rank,
                                   world=self.world, seed=spec.seed)
         self.pairs: list[warmup_mod.PreferencePair] = []

@@ -44,7 +44,7 @@ def test_character_tokenizer_round_trips(tmp_path):
 def test_sft_from_scratch_lowers_the_response_loss(tmp_path):
     train, evals = write_splits(tmp_path, n_train=400, n_eval=20, digits=2, terms=2)
     tok = build_tokenizer(tmp_path)
-    examples, _ = load_splits(DataSpec(path=str(train), eval_path=str(evals)), tok, 0)
+    examples, _ = load_splits(DataSpec(path=str(train), eval_path=str(evals)), tok)
     model = new_model(tok, hidden=32, layers=1, heads=2)
     losses = train_sft(model, examples, batch_size=32, lr=3e-3, steps=60, pad_id=tok.pad_token_id,
                        warmup_steps=5)

@@ -320,3 +320,32 @@ def test_train_cli_refuses_a_mistyped_student_in_one_line_before_the_teacher_loa
     assert result.exit_code == 2
     assert "student.model: models/studnet is not a model directory" in result.output
     assert "Traceback" not in result.output and "Repo id" not in result.output
+
+
+def test_runs_of_different_seeds_are_evaluated_on_the_same_rows(make_spec):
+    """The held-out eval rows come from data.split_seed, not the job's seed, so a spread over seeds
+    measures training, not which rows each seed happened to hold out."""
+    from transformers import AutoTokenizer
+
+    from student_worker.data import load_splits
+
+    spec = make_spec()
+    tok = AutoTokenizer.from_pretrained(spec.student.model)
+    splits = [load_splits(make_spec(seed=s).data, tok) for s in (0, 1, 2)]
+    evals = [[e.response for e in ev] for _, ev in splits]
+    assert evals[0] == evals[1] == evals[2] and len(evals[0]) == 8
+    other = load_splits(make_spec(data={"split_seed": 5}).data, tok)[1]
+    assert [e.response for e in other] != evals[0]
+
+
+def test_a_field_added_since_the_checkpoint_compares_as_its_default():
+    from student_worker.config import JobSpec, resume_changes
+
+    doc = {"student": {"model": "s"}, "teacher": {"local_model": "t"}, "data": {"path": "d"}}
+    saved = json.loads(JobSpec.model_validate(doc).to_json())
+    del saved["data"]["split_seed"]  # written before the field existed
+    breaking, harmless = resume_changes(saved, JobSpec.model_validate(doc))
+    assert breaking == [] and harmless == []
+    changed = JobSpec.model_validate({**doc, "data": {"path": "d", "split_seed": 3}})
+    breaking, _ = resume_changes(saved, changed)
+    assert [c.field for c in breaking] == ["data.split_seed"]
