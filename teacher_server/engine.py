@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .sampling import generate, pad, temper
+from .sampling import generate, head_logits, pad, temper
 from .contract import (
     Generation,
     Limits,
@@ -195,9 +195,8 @@ class TeacherEngine:
         return out
 
     def _logprobs(self, states: torch.Tensor, temperature: float) -> torch.Tensor:
-        logits = self._head(states).float()
-        if self._softcap:
-            logits = torch.tanh(logits / self._softcap) * self._softcap
+        """float32 log-probs; the head itself runs in float32 for bf16 / fp16 weights (head_logits)."""
+        logits = head_logits(self._head, states, self._softcap)
         return torch.log_softmax(temper(logits, temperature), dim=-1)
 
     def _head_logprobs(self, states, targets, top_k, temperature, full_rows):
@@ -234,4 +233,4 @@ class TeacherEngine:
         """Continue each prompt (see `sampling.generate`); rows cancelled mid-way return None."""
         with self._lock, torch.inference_mode(), torch.autocast(self.device.type, enabled=False):
             return generate(self.model, prompts, params, seeds=seeds, max_new_tokens=max_new_tokens,
-                            cancelled=cancelled)
+                            cancelled=cancelled, fp32_head=True)

@@ -1,20 +1,31 @@
 """Batched autoregressive sampling with a KV cache, for any transformers causal LM.
 
 Used by the teacher engine (Generate) and by student workers (on-policy rollouts), so both sample
-the same way. Prompts are left-padded; each row has its own torch.Generator, seeded from
-(seed, index), so a seeded answer does not depend on how rows were batched together. Rows that
-finish or are cancelled leave the batch and the cache.
+the same way. Prompts are left-padded; each row has its own torch.Generator on the model's device,
+seeded from (seed, index), so a seeded answer does not depend on how rows were batched together.
+Rows that finish or are cancelled leave the batch and the cache.
+
+Costs: the prefill computes logits only at each row's last prompt position (the one sampled
+from), not [B, T, V]. Draws happen on the model's device, batched (inverse CDF; each row's
+uniforms come from its own generator, a block of UNIFORM_BLOCK at a time), with one
+device-to-host copy of the B chosen ids per step. The KV cache is the transformers DynamicCache
+the model creates at the prefill, kept across steps; rows leave it with `batch_select_indices`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import secrets
 from typing import Callable, Sequence
 
 import torch
 
 from .contract import Generation, SamplingParams
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Uniforms drawn per row and generator call in `generate`: one launch per row every this many steps.
+UNIFORM_BLOCK = 64
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -27,6 +38,26 @@ def temper(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """logits / temperature, shifted so each row's maximum is 0 (the same distribution): a tiny
     temperature would otherwise overflow to inf and turn the softmax into NaN."""
     return (logits - logits.amax(-1, keepdim=True)) / temperature
+
+
+def head_logits(head: torch.nn.Module, states: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """float32 logits of the output head at `states` [N, H], softcapped when the model says so.
+
+    With bf16 / fp16 weights the product is computed in float32 (states and weight upcast), so the
+    logits are not rounded to the weights' dtype (a bf16 logit keeps 8 significant bits: one near
+    20 moves by up to 0.06). The bf16 decoder's own error stays. The upcast weight is a transient
+    [V, H] float32 copy per call.
+    """
+    weight = getattr(head, "weight", None)
+    if isinstance(head, torch.nn.Linear) and weight is not None and weight.dtype in _LOW_PRECISION:
+        logits = states.float() @ weight.float().t()
+        if head.bias is not None:
+            logits = logits + head.bias.float()
+    else:
+        logits = head(states).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
 
 
 def pad(seqs: Sequence[torch.Tensor], side: str, device: torch.device | str, pad_id: int = 0):
@@ -80,13 +111,33 @@ def filter_logits(scaled: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return scaled
 
 
+def draw(scaled: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> torch.Tensor:
+    """One draw per row from the filtered softmax of `scaled` [B, V], by inverse CDF: row r takes
+    the first token whose float64 cumulative probability reaches uniforms[r] × the row's total.
+
+    `uniforms` [B] lie in (0, 1], so a token of probability 0 (filtered out) is never taken.
+    Batched on `scaled`'s device; a row's token depends only on its logits and its uniform.
+    """
+    cdf = filter_logits(scaled, params.top_k, params.top_p).softmax(-1, dtype=torch.float64).cumsum_(-1)
+    target = uniforms.to(cdf)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target)[:, 0].clamp_max_(cdf.shape[-1] - 1)
+
+
+def uniforms(gens: Sequence[torch.Generator], count: int, device: torch.device | str) -> torch.Tensor:
+    """[len(gens), count] float64 in (0, 1]: the next `count` draws of each row's generator (which
+    must live on `device`). A fixed `count` per call keeps each row's stream independent of how
+    many rows or tokens a call has."""
+    out = torch.empty(len(gens), count, dtype=torch.float64, device=device)
+    for r, g in enumerate(gens):
+        out[r].uniform_(generator=g)
+    return out.neg_().add_(1.0)  # [0, 1) -> (0, 1]
+
+
 def next_tokens(scaled: torch.Tensor, params: SamplingParams, gens: list[torch.Generator]) -> torch.Tensor:
     """Next token per row: argmax when greedy, else one draw per row from its own generator."""
     if params.temperature == 0:
         return scaled.argmax(-1)
-    probs = filter_logits(scaled, params.top_k, params.top_p).softmax(-1).cpu()
-    return torch.stack([torch.multinomial(probs[r], 1, generator=g)[0]
-                        for r, g in enumerate(gens)]).to(scaled.device)
+    return draw(scaled, params, uniforms(gens, 1, scaled.device)[:, 0])
 
 
 @torch.no_grad()
@@ -98,19 +149,25 @@ def generate(
     seeds: Sequence[int | None] | None = None,
     max_new_tokens: Sequence[int] | None = None,
     cancelled: Callable[[int], bool] | None = None,
+    fp32_head: bool = False,
 ) -> list[Generation | None]:
     """Continue each prompt; per-row `seeds` / `max_new_tokens` default to params' (seed, i).
 
     Log-probs are under the temperature-scaled distribution before top-k / top-p filtering
     (temperature 1 when greedy), so they equal a Score at the same temperature.
     `cancelled(i)` is polled every step; a cancelled row leaves the batch and returns None.
+    `fp32_head`: run the decoder and apply the output head with `head_logits` (float32 even for
+    bf16 / fp16 weights, as the teacher's Score does); otherwise the model's own forward, asked
+    for the last position's logits only (`logits_to_keep=1` where the forward takes it).
     """
     n = len(prompts)
     device = next(model.parameters()).device
     if seeds is None:
         seeds = [None if params.seed is None else row_seed(params.seed, i) for i in range(n)]
     budget = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * n
-    gens = [torch.Generator().manual_seed(s if s is not None else secrets.randbits(63)) for s in seeds]
+    gens = [torch.Generator(device=device).manual_seed(s if s is not None else secrets.randbits(63))
+            for s in seeds]
+    forward = _last_logits_fn(model, fp32_head)
     stop = set(params.stop_ids)
     out_ids: list[list[int]] = [[] for _ in range(n)]
     out_lp: list[list[torch.Tensor]] = [[] for _ in range(n)]
@@ -120,24 +177,36 @@ def generate(
 
     ids, mask = left_pad(prompts, device)
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=attention_mask_4d(mask, ids.shape[1]), position_ids=position_ids,
-                use_cache=True)
-    cache, last_pos, logits = out.past_key_values, position_ids[:, -1], out.logits[:, -1].float()
+    # Left padding: column -1 is every row's last prompt token, the only position sampled from.
+    cache, logits = forward(input_ids=ids, attention_mask=attention_mask_4d(mask, ids.shape[1]),
+                            position_ids=position_ids, past_key_values=None)
+    last_pos = position_ids[:, -1]
+    step = 0
     while True:
-        scaled = temper(logits, params.temperature) if params.temperature > 0 else logits
-        logprobs = torch.log_softmax(scaled, dim=-1)
-        tokens = next_tokens(scaled, params, [gens[i] for i in active])
+        if params.temperature > 0:
+            if step % UNIFORM_BLOCK == 0:  # each active row's next block of uniforms, on the device
+                block = uniforms([gens[i] for i in active], UNIFORM_BLOCK, device)
+            scaled = temper(logits, params.temperature)
+            tokens = draw(scaled, params, block[:, step % UNIFORM_BLOCK])
+        else:
+            scaled = logits
+            tokens = scaled.argmax(-1)
+        step += 1
+        if params.return_logprobs or params.logprobs_top_k:
+            logprobs = torch.log_softmax(scaled, dim=-1)
+            chosen_lp = logprobs.gather(-1, tokens[:, None])[:, 0]
         if params.logprobs_top_k:
             top_v, top_i = logprobs.topk(params.logprobs_top_k, dim=-1)
+        token_list = tokens.tolist()  # the step's one device-to-host copy
         keep = []
         for r, i in enumerate(active):
             if cancelled is not None and cancelled(i):
                 finish[i] = "cancelled"
                 continue
-            tok = int(tokens[r])
+            tok = token_list[r]
             out_ids[i].append(tok)
             if params.return_logprobs:
-                out_lp[i].append(logprobs[r, tok])
+                out_lp[i].append(chosen_lp[r])
             if params.logprobs_top_k:
                 out_topk[i].append((top_i[r], top_v[r]))
             if tok in stop:
@@ -152,15 +221,35 @@ def generate(
             sel = torch.tensor(keep, device=device)
             cache.batch_select_indices(sel)
             mask, last_pos, tokens = mask[sel], last_pos[sel], tokens[sel]
+            if params.temperature > 0:
+                block = block[sel]
             active = [active[r] for r in keep]
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         last_pos = last_pos + 1
-        out = model(input_ids=tokens[:, None], attention_mask=attention_mask_4d(mask, 1),
-                    position_ids=last_pos[:, None], past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
+        cache, logits = forward(input_ids=tokens[:, None], attention_mask=attention_mask_4d(mask, 1),
+                                position_ids=last_pos[:, None], past_key_values=cache)
     return [None if finish[i] == "cancelled" else _generation(out_ids[i], out_lp[i], out_topk[i],
                                                                finish[i] or "length", params)
             for i in range(n)]
+
+
+def _last_logits_fn(model: torch.nn.Module, fp32_head: bool):
+    """forward(**inputs) -> (cache, float32 logits [B, V] at the last input position)."""
+    if fp32_head:
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+
+        def forward(**inputs):
+            out = decoder(**inputs, use_cache=True)
+            return out.past_key_values, head_logits(head, out.last_hidden_state[:, -1], softcap)
+        return forward
+
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+    def forward(**inputs):
+        out = model(**inputs, use_cache=True, **keep_last)
+        return out.past_key_values, out.logits[:, -1].float()
+    return forward
 
 
 def _generation(ids: list[int], lps: list[torch.Tensor], topk: list[tuple[torch.Tensor, torch.Tensor]],
