@@ -73,7 +73,7 @@ def load_tokenizer_fingerprint(model_dir: str | Path) -> str:
                         for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     if not has_tokenizer:
         return ""
-    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(model_dir)))
+    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True))
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
@@ -117,7 +117,7 @@ class TeacherEngine:
         path = check_model_dir(config.model_dir)
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=DTYPES[config.dtype], use_safetensors=True,
-            trust_remote_code=config.trust_remote_code,
+            trust_remote_code=config.trust_remote_code, local_files_only=True,
         ).to(config.device)
         return cls(model, config, load_tokenizer_fingerprint(path), name=path.resolve().name)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import secrets
+import weakref
 from typing import Callable, Sequence
 
 import torch
@@ -40,17 +41,26 @@ def temper(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return (logits - logits.amax(-1, keepdim=True)) / temperature
 
 
+# The float32 copy of each low-precision output head, with the weight version it was taken at.
+_FP32_HEADS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
 def head_logits(head: torch.nn.Module, states: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
     """float32 logits of the output head at `states` [N, H], softcapped when the model says so.
 
     With bf16 / fp16 weights the product is computed in float32 (states and weight upcast), so the
     logits are not rounded to the weights' dtype (a bf16 logit keeps 8 significant bits: one near
-    20 moves by up to 0.06). The bf16 decoder's own error stays. The upcast weight is a transient
-    [V, H] float32 copy per call.
+    20 moves by up to 0.06). The bf16 decoder's own error stays. The float32 copy of the weight is
+    made once per head and kept (V·H·4 bytes beside the model: 2.2 GB for a 152k × 3584 head),
+    not remade on every call; it is remade if the weight is changed in place.
     """
     weight = getattr(head, "weight", None)
     if isinstance(head, torch.nn.Linear) and weight is not None and weight.dtype in _LOW_PRECISION:
-        logits = states.float() @ weight.float().t()
+        cached = _FP32_HEADS.get(head)
+        if cached is None or cached[0] != weight._version or cached[1].device != weight.device:
+            cached = (weight._version, weight.detach().float())
+            _FP32_HEADS[head] = cached
+        logits = states.float() @ cached[1].t()
         if head.bias is not None:
             logits = logits + head.bias.float()
     else:
