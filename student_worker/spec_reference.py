@@ -29,6 +29,7 @@ UNITS: dict[str, str] = {
     "teacher.ray_actor.num_gpus": "GPUs",
     "teacher.ray_actor.max_restarts": "restarts",
     "data.eval_fraction": "share of rows",
+    "data.split_seed": "",
     "data.max_prompt_tokens": "tokens",
     "data.max_response_tokens": "tokens",
     "warmup.prompts": "prompts",
