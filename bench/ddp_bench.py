@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -115,6 +116,7 @@ def _share_run(args, teacher: Path, student: Path, data: Path, rank: int, run_di
     trainer.setup()
     trainer.train()
     trainer.cleanup()
+    shutil.rmtree(run_dir / f"r{rank}", ignore_errors=True)  # the next repeat starts afresh
     steps = [m for m in seen if m["stage"] == "distill"][2:]
     return {"step_s": statistics.median(m["step_s"] for m in steps),
             "reduce_s": statistics.median(m["reduce_s"] for m in steps),
