@@ -48,6 +48,8 @@ from teacher_server.contract import Generation, SamplingParams, ScoreArgs  # noq
 from teacher_server.engine import EngineConfig, TeacherEngine  # noqa: E402
 from teacher_server.sampling import (  # noqa: E402
     _last_logits_fn,
+    cache_arg,
+    output_cache,
     _generation,
     attention_mask_4d,
     filter_logits,
@@ -84,7 +86,7 @@ def old_generate(model, prompts, params):
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=attention_mask_4d(mask, ids.shape[1]),
                 position_ids=position_ids, use_cache=True)
-    cache, last_pos, logits = out.past_key_values, position_ids[:, -1], out.logits[:, -1].float()
+    cache, last_pos, logits = output_cache(out), position_ids[:, -1], out.logits[:, -1].float()
     while True:
         scaled = temper(logits, params.temperature) if params.temperature > 0 else logits
         logprobs = torch.log_softmax(scaled, dim=-1)
@@ -111,15 +113,15 @@ def old_generate(model, prompts, params):
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         last_pos = last_pos + 1
         out = model(input_ids=tokens[:, None], attention_mask=attention_mask_4d(mask, 1),
-                    position_ids=last_pos[:, None], past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1].float()
+                    position_ids=last_pos[:, None], use_cache=True, **{cache_arg(model): cache})
+        cache, logits = output_cache(out), out.logits[:, -1].float()
     return [_generation(out_ids[i], out_lp[i], [], finish[i] or "length", params) for i in range(n)]
 
 
 def old_prefill(model, ids, mask, position_ids):
     out = model(input_ids=ids, attention_mask=attention_mask_4d(mask, ids.shape[1]),
                 position_ids=position_ids, use_cache=True)
-    return out.past_key_values, out.logits[:, -1].float()
+    return output_cache(out), out.logits[:, -1].float()
 
 
 def old_logprobs(engine: TeacherEngine):
@@ -147,7 +149,7 @@ def run_prefill(variant: str, engine: TeacherEngine, ids, mask, position_ids):
         else:
             forward = _last_logits_fn(engine.model, fp32_head=(variant == "after"))
             _, logits = forward(input_ids=ids, attention_mask=attention_mask_4d(mask, ids.shape[1]),
-                                position_ids=position_ids, past_key_values=None)
+                                position_ids=position_ids, cache=None)
     return logits
 
 

@@ -189,7 +189,7 @@ def generate(
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     # Left padding: column -1 is every row's last prompt token, the only position sampled from.
     cache, logits = forward(input_ids=ids, attention_mask=attention_mask_4d(mask, ids.shape[1]),
-                            position_ids=position_ids, past_key_values=None)
+                            position_ids=position_ids, cache=None)
     last_pos = position_ids[:, -1]
     step = 0
     while True:
@@ -237,28 +237,42 @@ def generate(
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         last_pos = last_pos + 1
         cache, logits = forward(input_ids=tokens[:, None], attention_mask=attention_mask_4d(mask, 1),
-                                position_ids=last_pos[:, None], past_key_values=cache)
+                                position_ids=last_pos[:, None], cache=cache)
     return [None if finish[i] == "cancelled" else _generation(out_ids[i], out_lp[i], out_topk[i],
                                                                finish[i] or "length", params)
             for i in range(n)]
 
 
+def cache_arg(module: torch.nn.Module) -> str:
+    """The name `module.forward` takes the KV cache under: `cache` from transformers 5.2x on,
+    `past_key_values` before (and in wrappers that only pass **kwargs through)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a model output, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _last_logits_fn(model: torch.nn.Module, fp32_head: bool):
-    """forward(**inputs) -> (cache, float32 logits [B, V] at the last input position)."""
+    """forward(cache=..., **inputs) -> (cache, float32 logits [B, V] at the last input position)."""
     if fp32_head:
         decoder, head = model.get_decoder(), model.get_output_embeddings()
         softcap = getattr(model.config, "final_logit_softcapping", None)
+        name = cache_arg(decoder)
 
-        def forward(**inputs):
-            out = decoder(**inputs, use_cache=True)
-            return out.past_key_values, head_logits(head, out.last_hidden_state[:, -1], softcap)
+        def forward(cache=None, **inputs):
+            out = decoder(**inputs, **{name: cache}, use_cache=True)
+            return output_cache(out), head_logits(head, out.last_hidden_state[:, -1], softcap)
         return forward
 
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    name = cache_arg(model)
 
-    def forward(**inputs):
-        out = model(**inputs, use_cache=True, **keep_last)
-        return out.past_key_values, out.logits[:, -1].float()
+    def forward(cache=None, **inputs):
+        out = model(**inputs, **{name: cache}, use_cache=True, **keep_last)
+        return output_cache(out), out.logits[:, -1].float()
     return forward
 
 
