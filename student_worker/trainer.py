@@ -350,11 +350,11 @@ class Trainer:
         points included in eval), and for KD its tokens/s and the share of step time spent waiting
         for the teacher's scores, as rank 0 saw them."""
         w, d, e = self.timing["warmup"], self.timing["distill"], self.timing["eval"]
-        out: dict[str, Any] = {"eval_wall_s": round(e["wall_s"], 3)}
+        out: dict[str, Any] = {"eval_wall_s": round(e["wall_s"], 6)}
         if self.spec.warmup.enabled:
-            out["warmup"] = {"wall_s": round(w["wall_s"], 3), "steps": int(self.spec.warmup.steps)}
+            out["warmup"] = {"wall_s": round(w["wall_s"], 6), "steps": int(self.spec.warmup.steps)}
         out["distill"] = {
-            "wall_s": round(d["wall_s"], 3), "steps": int(d["steps"]), "tokens": int(d["tokens"]),
+            "wall_s": round(d["wall_s"], 6), "steps": int(d["steps"]), "tokens": int(d["tokens"]),
             "tokens_per_s": round(d["tokens"] / d["wall_s"], 2) if d["wall_s"] else None,
             "teacher_wait_share": round(d["teacher_s"] / d["wall_s"], 4) if d["wall_s"] else None}
         return out
