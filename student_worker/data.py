@@ -59,8 +59,11 @@ def read_jsonl(path: str | Path, prompt_field: str, response_field: str) -> list
 
 def encode(tokenizer, prompt: str, response: str, spec: DataSpec) -> Example:
     if spec.chat_template:
-        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                   add_generation_prompt=True, tokenize=True)
+        # Rendered to text, then encoded without adding special tokens (the template writes its
+        # own): the same ids whatever apply_chat_template(tokenize=True) returns in this version.
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
     else:
         prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids
     response_ids = tokenizer(response, add_special_tokens=False).input_ids[:spec.max_response_tokens]
