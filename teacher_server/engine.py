@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import threading
+from importlib.metadata import version
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -134,7 +135,7 @@ class TeacherEngine:
                            max_sequence_length=self.max_sequence_length,
                            dtype=self.config.dtype, top_k_limit=self.config.top_k_limit,
                            max_full_row_positions=self.config.max_full_row_positions,
-                           device=str(self.device))
+                           device=str(self.device), engine=f"transformers {version('transformers')}")
 
     # ------------------------------------------------------------------ score
     def score(self, args: ScoreArgs, *,

@@ -16,6 +16,7 @@ import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -24,6 +25,9 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from .batcher import Batcher, BatcherConfig
 from .engine import EngineConfig, TeacherEngine
+
+if TYPE_CHECKING:
+    from .vllm_engine import VllmEngineConfig
 from .metrics import TeacherMetrics
 from .pb import teacher_pb2 as pb
 from .pb import teacher_pb2_grpc as pb_grpc
@@ -38,6 +42,9 @@ DEFAULT_PORT = 50051
 class ServerConfig:
     engine: EngineConfig
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    # The vLLM engine instead of `engine` (transformers) and our batcher: vLLM batches
+    # continuously by itself and bounds the calls in flight with its own max_queue.
+    vllm: "VllmEngineConfig | None" = None
     host: str = "127.0.0.1"  # loopback unless the operator says otherwise
     port: int = DEFAULT_PORT  # 0 picks a free port (written to port_file)
     port_file: str | None = None
@@ -66,6 +73,7 @@ class TeacherServer:
         self.servicer = TeacherServicer(self.metrics, max_reply_bytes=send)
         self.health = health.HealthServicer()
         self.batcher: Batcher | None = None
+        self.engine = None
         b = config.batcher
         # A running Generate batch and a Score step run inside it can both be out of the queue.
         self.rpc_threads = max(config.rpc_threads, b.max_queue + 2 * b.max_batch_requests + 16)
@@ -108,13 +116,20 @@ class TeacherServer:
     def load(self, engine: TeacherEngine | None = None) -> None:
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
+        if engine is None and self.config.vllm is not None:
+            from .vllm_engine import VllmEngine
+
+            engine = VllmEngine.load(self.config.vllm, metrics=self.metrics)
+            engine.warmup()  # its first request compiles: before SERVING, not in a caller's call
         engine = engine or TeacherEngine.load(self.config.engine)
-        self.batcher = Batcher(engine, self.config.batcher, self.metrics).start()
+        self.engine = engine
+        if not getattr(engine, "batches_itself", False):
+            self.batcher = Batcher(engine, self.config.batcher, self.metrics).start()
         self.servicer.attach(engine, self.batcher)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         info = engine.info()
-        log.info("teacher SERVING %s (vocab %d, %s on %s)", info.model_name, info.vocab_size,
-                 info.dtype, info.device)
+        log.info("teacher SERVING %s (vocab %d, %s on %s, %s)", info.model_name, info.vocab_size,
+                 info.dtype, info.device, info.engine)
 
     def stop(self) -> None:
         self.servicer.draining = True
@@ -123,6 +138,9 @@ class TeacherServer:
         self.server.stop(self.config.grace_s).wait()
         if self.batcher is not None:
             self.batcher.stop()
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import hmac
 import logging
+import threading
 import time
 from typing import Callable
 
@@ -24,6 +25,7 @@ from .contract import (
     InvalidRequest,
     Limits,
     Overloaded,
+    TeacherUnavailable,
     validate_generate,
     validate_score,
 )
@@ -54,7 +56,7 @@ def _status_for(exc: BaseException, context: grpc.ServicerContext) -> tuple[grpc
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, NotReady):
+    if isinstance(exc, (NotReady, TeacherUnavailable)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, Cancelled):
         remaining = remaining_s(context)
@@ -75,7 +77,7 @@ def _rpc(method: Callable) -> Callable:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped to a status, never a crash
             code, detail = _status_for(exc, context)
-            if isinstance(exc, (Overloaded, NotReady)):
+            if isinstance(exc, (Overloaded, NotReady, TeacherUnavailable)):
                 context.set_trailing_metadata(((RETRYABLE_KEY, "1"),))
             context.abort(code, detail)
         finally:
@@ -92,15 +94,32 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         self.batcher: Batcher | None = None
         self.draining = False
 
-    def attach(self, engine: TeacherEngine, batcher: Batcher) -> None:
+    def attach(self, engine: TeacherEngine, batcher: Batcher | None) -> None:
+        """`batcher` None: the engine batches by itself (vLLM's continuous batching) and takes
+        calls straight from the RPC threads, bounding them with its own queue limit."""
         self.engine, self.batcher = engine, batcher
 
-    def _ready(self) -> tuple[TeacherEngine, Batcher]:
+    def _ready(self) -> tuple[TeacherEngine, Batcher | None]:
         if self.draining:
             raise NotReady("teacher is draining; retry on another replica")
-        if self.engine is None or self.batcher is None:
+        if self.engine is None:
             raise NotReady("teacher model is still loading")
         return self.engine, self.batcher
+
+    def _direct(self, context: grpc.ServicerContext, call: Callable) -> list:
+        """Run `call(cancelled)` on this RPC thread, for an engine without our batcher; a row the
+        engine gave up on (caller gone or deadline passed) makes the call Cancelled."""
+        gone = threading.Event()
+        context.add_callback(gone.set)
+        deadline = self._deadline(context)
+
+        def cancelled(_row: int) -> bool:
+            return gone.is_set() or (deadline is not None and time.monotonic() > deadline)
+
+        results = call(cancelled)
+        if any(r is None for r in results):
+            raise Cancelled("cancelled while the engine worked on it")
+        return results
 
     @staticmethod
     def _deadline(context: grpc.ServicerContext) -> float | None:
@@ -129,9 +148,12 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         engine, batcher = self._ready()
         args = wire.score_request_from_pb(request)
         validate_score(args, self.limits(engine))
-        ticket = batcher.submit_score(args, self._deadline(context))
-        context.add_callback(ticket.cancel)
-        results = ticket.result(remaining_s(context))
+        if batcher is None:
+            results = self._direct(context, lambda cancelled: engine.score(args, cancelled=cancelled))
+        else:
+            ticket = batcher.submit_score(args, self._deadline(context))
+            context.add_callback(ticket.cancel)
+            results = ticket.result(remaining_s(context))
         return pb.ScoreResponse(sequences=[wire.scored_to_pb(r) for r in results])
 
     @_rpc
@@ -139,9 +161,13 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         engine, batcher = self._ready()
         prompts, params = wire.generate_request_from_pb(request)
         validate_generate(prompts, params, self.limits(engine))
-        ticket = batcher.submit_generate(prompts, params, self._deadline(context))
-        context.add_callback(ticket.cancel)
-        results = ticket.result(remaining_s(context))
+        if batcher is None:
+            results = self._direct(context, lambda cancelled: engine.generate(prompts, params,
+                                                                              cancelled=cancelled))
+        else:
+            ticket = batcher.submit_generate(prompts, params, self._deadline(context))
+            context.add_callback(ticket.cancel)
+            results = ticket.result(remaining_s(context))
         return pb.GenerateResponse(generations=[wire.generation_to_pb(g) for g in results])
 
 

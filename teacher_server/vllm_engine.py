@@ -200,6 +200,8 @@ def tail_from_returned(token_lp: torch.Tensor, token_ids: torch.Tensor, topk_lp:
 class VllmEngine:
     """Score and Generate on a vLLM `AsyncLLM`; thread-safe, one call per gRPC thread."""
 
+    batches_itself = True  # the server hands calls straight to it, without our Batcher
+
     def __init__(self, config: VllmEngineConfig, metrics: "TeacherMetrics | None" = None) -> None:
         from .engine import DTYPES, check_model_dir, load_tokenizer_fingerprint
 
@@ -280,11 +282,11 @@ class VllmEngine:
                            tokenizer_fingerprint=self.fingerprint,
                            max_sequence_length=self.max_sequence_length,
                            dtype=self.config.dtype, top_k_limit=self.config.top_k_limit,
-                           max_full_row_positions=0, device=self.device)
+                           max_full_row_positions=0, device=self.device, engine=self.engine_version)
 
     @property
     def engine_version(self) -> str:
-        """"vllm <version>": for logs and, once the contract has a field for it, Info."""
+        """"vllm <version>", as Info reports it."""
         return f"{ENGINE_NAME} {self.vllm_version}"
 
     @property

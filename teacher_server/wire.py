@@ -73,7 +73,8 @@ def info_to_pb(info: TeacherInfo) -> pb.InfoResponse:
                            tokenizer_fingerprint=info.tokenizer_fingerprint,
                            max_sequence_length=info.max_sequence_length, dtype=info.dtype,
                            top_k_limit=info.top_k_limit,
-                           max_full_row_positions=info.max_full_row_positions, device=info.device)
+                           max_full_row_positions=info.max_full_row_positions, device=info.device,
+                           engine=info.engine)
 
 
 def info_from_pb(msg: pb.InfoResponse) -> TeacherInfo:
@@ -81,7 +82,7 @@ def info_from_pb(msg: pb.InfoResponse) -> TeacherInfo:
                        tokenizer_fingerprint=msg.tokenizer_fingerprint,
                        max_sequence_length=msg.max_sequence_length, dtype=msg.dtype,
                        top_k_limit=msg.top_k_limit, max_full_row_positions=msg.max_full_row_positions,
-                       device=msg.device)
+                       device=msg.device, engine=msg.engine)
 
 
 # ---------------------------------------------------------------------- Score

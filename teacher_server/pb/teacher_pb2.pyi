@@ -37,7 +37,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "tokenizer_fingerprint", "max_sequence_length", "dtype", "top_k_limit", "max_full_row_positions", "device")
+    __slots__ = ("model_name", "vocab_size", "tokenizer_fingerprint", "max_sequence_length", "dtype", "top_k_limit", "max_full_row_positions", "device", "engine")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class InfoResponse(_message.Message):
     TOP_K_LIMIT_FIELD_NUMBER: _ClassVar[int]
     MAX_FULL_ROW_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     tokenizer_fingerprint: str
@@ -54,7 +55,8 @@ class InfoResponse(_message.Message):
     top_k_limit: int
     max_full_row_positions: int
     device: str
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., dtype: _Optional[str] = ..., top_k_limit: _Optional[int] = ..., max_full_row_positions: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    engine: str
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., dtype: _Optional[str] = ..., top_k_limit: _Optional[int] = ..., max_full_row_positions: _Optional[int] = ..., device: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class ScoreSequence(_message.Message):
     __slots__ = ("token_ids", "score_from")

@@ -323,3 +323,72 @@ def test_full_engine_refuses_with_overloaded(engine):
         t.join(60)
         engine.config = config
     assert engine.inflight == 0
+
+
+# ------------------------------------------------------------------------ served, and a KD job
+@pytest.fixture(scope="module")
+def served_vllm(engine):
+    """The module's vLLM engine behind a real gRPC server on loopback (no batcher in front)."""
+    from teacher_server.engine import EngineConfig
+    from teacher_server.serve import ServerConfig, TeacherServer
+
+    server = TeacherServer(ServerConfig(engine=EngineConfig(model_dir="unused"), port=0, grace_s=2.0,
+                                        drain_delay_s=0.0))
+    port = server.start()
+    server.load(engine)
+    assert server.batcher is None
+    yield server, f"127.0.0.1:{port}"
+    server.engine = None  # the engine belongs to its fixture, which closes it
+    server.stop()
+
+
+@needs_vllm
+def test_served_vllm_answers_as_in_process_with_the_same_status_codes(served_vllm, engine):
+    from teacher_server.client import TeacherClient
+
+    _, endpoint = served_vllm
+    with TeacherClient(endpoint, timeout_s=60) as client:
+        info = client.info()
+        assert info.engine.startswith("vllm ") and info.max_full_row_positions == 0
+        seqs = sequences([12, 7], info.vocab_size, seed=4)
+        got = client.score(seqs, [3, 1], top_k=8)
+        want = engine.score(ScoreArgs(seqs, [3, 1], top_k=8))
+        for g, w in zip(got, want):
+            assert torch.equal(g.topk_ids, w.topk_ids)
+            torch.testing.assert_close(g.topk_logprobs, w.topk_logprobs, atol=ATOL, rtol=0)
+        greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
+        assert torch.equal(client.generate([seqs[0]], greedy)[0].token_ids,
+                           engine.generate([seqs[0]], greedy)[0].token_ids)
+        for bad in (dict(full_logprobs=True), dict(temperature=0.5)):  # what vLLM cannot answer
+            with pytest.raises(InvalidRequest):
+                client.score(seqs, [3, 1], top_k=4, **bad)
+
+
+@needs_vllm
+def test_a_kd_job_runs_against_the_vllm_served_teacher(served_vllm, model_dir, tmp_path):
+    """`distillery train`'s Trainer, on-policy, with the vLLM-served teacher (student: the same
+    tiny model, so the tokenizers match)."""
+    import json
+
+    from student_worker.config import JobSpec
+    from student_worker.data import arithmetic_rows
+    from student_worker.trainer import Trainer, build_teacher
+
+    _, endpoint = served_vllm
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(40, seed=0)))
+    spec = JobSpec.model_validate({
+        "student": {"model": str(model_dir)}, "teacher": {"endpoints": [endpoint]},
+        "data": {"path": str(data), "max_prompt_tokens": 16, "max_response_tokens": 8},
+        "distill": {"loss": "rkl", "steps": 2, "batch_size": 4, "top_k": 8, "max_new_tokens": 6,
+                    "lr": 1e-3, "warmup_steps": 0},
+        "checkpoint": {"dir": str(tmp_path / "run"), "every_steps": 10},
+        "eval": {"enabled": True, "max_samples": 4, "max_new_tokens": 4, "batch_size": 4}})
+    seen = []
+    trainer = Trainer(spec, build_teacher(spec.teacher), on_metrics=seen.append)
+    trainer.setup()
+    summary = trainer.train()
+    trainer.cleanup()
+    losses = [m["loss"] for m in seen if m.get("stage") == "distill"]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert summary["stage"] == "done" and "teacher" in summary["eval"]
