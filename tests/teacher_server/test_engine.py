@@ -7,6 +7,8 @@ not change any answer (fp32 on CPU, tight tolerance).
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import builtins
 import pickle
 from functools import lru_cache
@@ -423,7 +425,8 @@ def test_engine_info(tiny_qwen2):
     assert info == TeacherInfo(model_name=Path(tiny_qwen2).resolve().name, vocab_size=512,
                                tokenizer_fingerprint=load_tokenizer_fingerprint(tiny_qwen2),
                                max_sequence_length=100, dtype="float32", top_k_limit=16,
-                               max_full_row_positions=7, device="cpu")
+                               max_full_row_positions=7, device="cpu",
+                               engine=f"transformers {importlib.metadata.version('transformers')}")
     # The limit never exceeds what the model can embed.
     assert engine_for(tiny_qwen2, max_sequence_length=10**6).info().max_sequence_length == 512
 
