@@ -41,8 +41,9 @@ def teacher_serve(
     device: Optional[str] = typer.Option(None, help="cpu (default), cuda or cuda:N; the vllm "
                                          "engine picks its own device (its build's platform)."),
     tensor_parallel_size: int = typer.Option(1, min=1, help="vllm: GPUs one teacher spans."),
-    gpu_memory_utilization: float = typer.Option(0.9, min=0.01, max=1.0, help="vllm: share of "
-                                                 "GPU memory it reserves (on CPU: of RAM; use ~0.1)."),
+    gpu_memory_utilization: Optional[float] = typer.Option(None, min=0.01, max=1.0, help="vllm: share "
+                                                           "of GPU memory it reserves (default 0.9; on "
+                                                           "CPU the share of RAM, default 0.1)."),
     kv_cache_memory_bytes: Optional[int] = typer.Option(None, min=1, help="vllm: KV cache size in "
                                                         "bytes (instead of the share)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),

@@ -143,7 +143,8 @@ class VllmEngineConfig:
     max_sequence_length: int | None = None  # default: the model's max positions - 1 (see limits)
     top_k_limit: int = 128  # also vLLM's max_logprobs
     tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9  # on CPU: the share of RAM reserved (use ~0.1)
+    # Share of GPU memory vLLM reserves; on CPU the share of RAM. None: 0.9 on a GPU, 0.1 on CPU.
+    gpu_memory_utilization: float | None = None
     kv_cache_memory_bytes: int | None = None  # explicit KV cache size (overrides the share)
     enforce_eager: bool | None = None  # None: True on CPU, False (CUDA graphs) elsewhere
     max_num_seqs: int | None = None  # vLLM's running batch, sequences (None: vLLM's default)
@@ -258,7 +259,8 @@ class VllmEngine:
             model=str(path), dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
             max_model_len=max_model_len, max_logprobs=cfg.top_k_limit,
             logprobs_mode="processed_logprobs", tensor_parallel_size=cfg.tensor_parallel_size,
-            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            gpu_memory_utilization=(cfg.gpu_memory_utilization if cfg.gpu_memory_utilization is not None
+                                    else 0.1 if current_platform.is_cpu() else 0.9),
             kv_cache_memory_bytes=cfg.kv_cache_memory_bytes, enforce_eager=eager, seed=cfg.seed,
             skip_tokenizer_init=True, generation_config="vllm", disable_log_stats=True,
         )

@@ -50,3 +50,16 @@ def test_serve_refuses_a_model_without_safetensors(tmp_path, tiny_llama):
     assert run.returncode != 0
     out = run.stdout + run.stderr
     assert "safetensors" in out and str(model) in out
+
+
+def test_serve_engine_choices_are_checked_before_anything_loads(tiny_llama):
+    import importlib.util
+
+    serve = ["teacher", "serve", "--model", str(tiny_llama), "--port", "0"]
+    result = runner.invoke(app, [*serve, "--engine", "tensorrt"])
+    assert result.exit_code == 2 and "--engine must be transformers or vllm" in result.output
+    result = runner.invoke(app, [*serve, "--engine", "vllm", "--device", "cuda:1"])
+    assert result.exit_code == 2 and "--device: not with --engine vllm" in result.output
+    if importlib.util.find_spec("vllm") is None:
+        result = runner.invoke(app, [*serve, "--engine", "vllm"])
+        assert result.exit_code == 2 and "pip install 'distillery[vllm]'" in result.output
