@@ -12,7 +12,9 @@ drift hits all alike. Rows, each a median over --repeats rounds:
      served engine at every --clients count;
   2. Generate tokens/s (generated tokens, seeded sampling) for each served engine and client count;
   3. the cost of the top-k log-probs: Score at top_k 0 vs --top-k, per served engine, at the
-     largest client count.
+     largest client count;
+  4. vLLM's own offline throughput for the same Score requests (all in one in-process call,
+     measured before the servers start), and served vLLM / offline.
 Both servers run as `distillery teacher serve` processes on 127.0.0.1 (vLLM: `--engine vllm`).
 """
 
@@ -90,6 +92,27 @@ def run_clients(endpoint: str, jobs: list, call, clients: int) -> float:
     return rate
 
 
+def vllm_offline(model: Path, seqs: list, start_at: int, args) -> list[float]:
+    """vLLM's own throughput for the same Score requests: every sequence in one call to an
+    in-process engine, so its scheduler sees all of them at once (the bound for the server)."""
+    from teacher_server.contract import ScoreArgs
+    from teacher_server.vllm_engine import VllmEngine, VllmEngineConfig
+
+    kv = int(args.kv_cache_gb * 2**30) if args.device == "cpu" else None
+    engine = VllmEngine.load(VllmEngineConfig(model_dir=str(model), dtype=args.dtype,
+                                              kv_cache_memory_bytes=kv, max_queue=None))
+    try:
+        engine.warmup()
+        rates = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            engine.score(ScoreArgs(seqs, [start_at] * len(seqs), args.top_k))
+            rates.append(sum(map(len, seqs)) / (time.perf_counter() - t0))
+        return rates
+    finally:
+        engine.close()
+
+
 def main() -> None:
     args = parse_args()
     g = torch.Generator().manual_seed(0)
@@ -110,13 +133,15 @@ def main() -> None:
                             hidden=args.hidden, layers=args.layers, heads=args.heads,
                             max_positions=max(512, 2 * args.seq_len))
         local = LocalTeacher.from_model_dir(str(model), device=args.device, dtype=args.dtype)
+        rows: dict[str, list[float]] = {}
+        offline = vllm_offline(model, seqs, start_at, args)  # before the servers: it needs the memory
+        rows["score, vllm offline in-process (one call, all sequences)"] = offline
         common = ("--dtype", args.dtype, "--max-queue", "1024", "--drain-delay-s", "0")
         vllm_flags = ("--engine", "vllm")
         if args.device == "cpu":
             vllm_flags += ("--kv-cache-memory-bytes", str(int(args.kv_cache_gb * 2**30)))
         servers = {"transformers": start_teacher(model, "--device", args.device, *common, timeout_s=300),
                    "vllm": start_teacher(model, *vllm_flags, *common, timeout_s=900)}
-        rows: dict[str, list[float]] = {}
 
         def record(name: str, value: float) -> None:
             rows.setdefault(name, []).append(value)
@@ -157,6 +182,8 @@ def main() -> None:
             if other:
                 ratio = f"{statistics.median(a / b for a, b in zip(values, other)):.2f}"
         print(f"| {name} | {statistics.median(values):,.0f} | {ratio} |")
+    best = max(statistics.median(v) for k, v in rows.items() if k.startswith("score, vllm served"))
+    print(f"\nvllm served (best client count) / vllm offline: {best / statistics.median(offline):.2f}")
     for name in ("transformers", "vllm"):
         c = max(args.clients)
         full, none = rows[f"score, {name} served, {c} clients"], rows[f"score top_k 0, {name} served, {c} clients"]

@@ -9,7 +9,8 @@
 # 3. bench/gpu_job.py: a 2-rank NCCL job (1 rank on a single GPU), teacher served over gRPC on
 #    cuda:0 in bf16 and made confident, student in fp32 / bf16-mixed / bf16-true;
 # 4. the CPU tests that stand in for these GPU paths, run here too (cuda-only process group,
-#    autocast, the confident-teacher tail, precision), with this machine's torch.
+#    autocast, the confident-teacher tail, precision), with this machine's torch;
+# 5. bench/engine_bench.py: the vLLM engine vs ours on a ~1B model (when vllm is installed).
 # Results go to OUT_DIR (default bench/gpu-results): one log and JSON per step. Record the
 # tables in docs/benchmarks.md.
 #
@@ -42,6 +43,15 @@ else
   echo "== ddp_bench: skipped (NCCL needs a GPU per rank; $GPUS here)"
 fi
 run gpu_job $PY bench/gpu_job.py --steps 40 --out "$OUT/gpu_job.json"
+# 5. the teacher's engines on a ~1B random-weight Llama in bf16: vLLM vs transformers vs
+#    in-process, Score and Generate at 8 / 32 / 128 clients, and vLLM offline (needs `vllm`).
+if $PY -c "import vllm" 2>/dev/null; then
+  STEP_TIMEOUT=${ENGINE_TIMEOUT:-900} run engine_bench $PY bench/engine_bench.py --device cuda \
+      --dtype bfloat16 --hidden 2048 --layers 16 --heads 16 --seq-len 512 --requests 256 \
+      --gen-requests 128 --new-tokens 128 --clients 8 32 128 --repeats 3
+else
+  echo "== engine_bench: skipped (pip install vllm)"
+fi
 run cpu_tests $PY -m pytest -q -p no:cacheprovider tests/student_worker/test_precision.py \
     tests/student_worker/test_sparse_tail.py tests/student_worker/test_fsdp.py
 exit $status
