@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -192,18 +193,21 @@ def apply_json6902(doc: dict, ops: list[dict]) -> None:
 
 
 def strategic_merge(base: dict, patch: dict) -> None:
-    """Maps merge; lists of named objects (containers, volumes, env) merge by name; others replace."""
+    """Maps merge; lists of named objects (containers, volumes, env) merge by name, and the patch's
+    new items go first, as kustomize puts them; other values replace."""
     for key, value in patch.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             strategic_merge(base[key], value)
         elif (isinstance(value, list) and isinstance(base.get(key), list) and value
               and all(isinstance(v, dict) and "name" in v for v in value + base[key])):
             by_name = {item["name"]: item for item in base[key]}
+            new = []
             for item in value:
                 if item["name"] in by_name:
                     strategic_merge(by_name[item["name"]], item)
                 else:
-                    base[key].append(copy.deepcopy(item))
+                    new.append(copy.deepcopy(item))
+            base[key][:0] = new
         else:
             base[key] = copy.deepcopy(value)
 
@@ -230,6 +234,13 @@ def find(docs: list[dict], kind: str, name: str) -> dict:
     hits = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
     assert len(hits) == 1, f"expected one {kind}/{name}, found {len(hits)}"
     return hits[0]
+
+
+def compose_command(service: dict) -> list[str]:
+    """A compose service's command as the container gets it: a string is split into words (compose
+    splits it like a shell would, after substituting variables, without running a shell)."""
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else list(command)
 
 
 def expand_k8s_vars(args: list[str], env: dict[str, str]) -> list[str]:

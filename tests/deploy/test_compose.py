@@ -4,14 +4,16 @@ to the ports, commands, health endpoints and settings the code really has. Offli
 from __future__ import annotations
 
 import json
+import re
+import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
 import yaml
-from deploy_files import (COMPOSE_FILE, ENV_EXAMPLE, MissingVariable, compose_variables, distillery_envvars,
-                          load_compose, parse_distillery, parse_ray_start, read_env_file)
+from deploy_files import (COMPOSE_FILE, ENV_EXAMPLE, REPO, MissingVariable, compose_command, compose_variables,
+                          distillery_envvars, load_compose, parse_distillery, parse_ray_start, read_env_file)
 
 from services.settings import ENV_NAMES, Settings
 from teacher_server.serve import DEFAULT_PORT as TEACHER_PORT
@@ -30,6 +32,15 @@ def compose(env) -> dict:
 
 
 @pytest.fixture(scope="module")
+def vllm_env(env) -> dict[str, str]:
+    """.env.example with the vLLM settings its comments show (the `#   TEACHER_...=` lines)."""
+    shown = dict(re.findall(r"^#\s+(TEACHER_[A-Z_]+)=(.*)$", ENV_EXAMPLE.read_text(), re.M))
+    assert set(shown) == {"TEACHER_EXTRAS", "TEACHER_ENGINE", "TEACHER_ENGINE_ARGS", "TEACHER_GPUS"}
+    assert set(shown) <= set(env)  # the same variables, other values
+    return {**env, **shown}
+
+
+@pytest.fixture(scope="module")
 def compose_schema() -> dict:
     """The Compose specification's JSON schema, as vendored by check-jsonschema."""
     import check_jsonschema
@@ -44,9 +55,10 @@ def _validate(instance: dict, schema: dict) -> None:
     assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
 
 
-def test_compose_file_validates_against_the_compose_spec(compose_schema, compose):
+def test_compose_file_validates_against_the_compose_spec(compose_schema, compose, vllm_env):
     _validate(load_compose(), compose_schema)  # as written, with ${...} in place
     _validate(compose, compose_schema)  # as compose interpolates it from .env.example
+    _validate(load_compose(vllm_env), compose_schema)  # and with its vLLM settings
 
 
 def test_schema_check_is_not_vacuous(compose_schema, compose):
@@ -115,11 +127,15 @@ def test_redis_keeps_an_append_only_file_on_a_named_volume(compose):
 
 def test_teacher_service(compose, env):
     teacher = compose["services"]["teacher"]
-    ctx = parse_distillery(teacher["command"][1:])
+    argv = compose_command(teacher)
+    assert argv[0] == "distillery"
+    ctx = parse_distillery(argv[1:])
     assert ctx.command.name == "serve" and ctx.parent.info_name == "teacher"
     p = ctx.params
     assert p["host"] == "0.0.0.0" and p["port"] == TEACHER_PORT == 50051
+    assert p["engine"] == env["TEACHER_ENGINE"] == "transformers"
     assert p["device"] == "cuda" and str(p["model"]) == f"/models/{env['TEACHER_MODEL']}"
+    assert p["dtype"] == env["TEACHER_DTYPE"]
     assert p["token"] is None  # not on the command line: from DISTILLERY_TEACHER_TOKEN
     assert "DISTILLERY_TEACHER_TOKEN" in teacher["environment"]
     assert f"{env['MODELS_DIR']}:/models:ro" in teacher["volumes"]
@@ -129,6 +145,33 @@ def test_teacher_service(compose, env):
     assert teacher["healthcheck"]["test"][-1] == f"grpc://127.0.0.1:{p['port']}"
     # SIGTERM drain: in-flight calls get --grace-s, and compose must wait longer than that
     assert float(teacher["stop_grace_period"].rstrip("s")) > p["grace_s"] + p["drain_delay_s"]
+
+
+def test_teacher_service_on_vllm(vllm_env):
+    """The vLLM settings .env.example shows: an image with the vllm extra, `--engine vllm` without
+    --device (the CLI refuses it with vllm), and one GPU reserved per tensor-parallel rank."""
+    teacher = load_compose(vllm_env)["services"]["teacher"]
+    p = parse_distillery(compose_command(teacher)[1:]).params
+    assert p["engine"] == "vllm" and p["device"] is None and not p["compile"]
+    gpus = vllm_env["TEACHER_GPUS"].split(",")
+    assert p["tensor_parallel_size"] == len(gpus) == len(set(gpus)) > 1
+    (device,) = teacher["deploy"]["resources"]["reservations"]["devices"]
+    assert device["device_ids"] == [vllm_env["TEACHER_GPUS"]]  # the daemon joins them with commas
+    extras = teacher["build"]["args"]["TEACHER_EXTRAS"]
+    assert extras == "vllm" and extras in tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    size = re.fullmatch(r"(\d+)gb", teacher["shm_size"])  # vLLM's workers share data in /dev/shm
+    assert size and int(size[1]) >= 1
+
+
+def test_teacher_engine_args_default_and_empty(env):
+    unset = {k: v for k, v in env.items() if k != "TEACHER_ENGINE_ARGS"}
+    teacher = load_compose(unset)["services"]["teacher"]
+    assert parse_distillery(compose_command(teacher)[1:]).params["device"] == "cuda"  # the default
+    empty = {**env, "TEACHER_ENGINE": "vllm", "TEACHER_ENGINE_ARGS": ""}  # set but empty: no flags
+    teacher = load_compose(empty)["services"]["teacher"]
+    p = parse_distillery(compose_command(teacher)[1:]).params
+    assert (p["engine"], p["device"], p["tensor_parallel_size"]) == ("vllm", None, 1)
 
 
 def test_ray_head_and_workers(compose):

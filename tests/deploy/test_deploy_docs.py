@@ -93,6 +93,18 @@ def test_example_jobs_validate_and_fit_their_deployment(which):
     assert f"distillery submit deploy/jobs/{which}-job.yaml" in (DEPLOY / "jobs" / f"{which}-job.yaml").read_text()
 
 
+def test_readme_vllm_compose_settings_are_the_env_examples():
+    """The deploy/.env lines the README's "Teacher on vLLM" shows are those .env.example shows, and
+    name variables compose reads."""
+    section = README.read_text().split("## Teacher on vLLM", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```\n(.*?)```", section, re.S)
+    shown = dict(line.split("=", 1) for line in block.strip().splitlines())
+    example = dict(re.findall(r"^#\s+(TEACHER_[A-Z_]+)=(.*)$", (DEPLOY / ".env.example").read_text(), re.M))
+    assert shown == example and shown["TEACHER_ENGINE"] == "vllm"
+    assert set(shown) <= set(read_env_file(DEPLOY / ".env.example"))
+    assert "kubectl apply -k deploy/k8s/overlays/vllm" in section and (K8S / "overlays" / "vllm").is_dir()
+
+
 def test_readme_ports_match_the_defaults():
     text = README.read_text()
     line = next(ln for ln in text.splitlines() if ln.startswith("Ports:"))

@@ -55,6 +55,10 @@ def requirement(name: str) -> Requirement:
     return next(r for r in map(Requirement, pyproject()["project"]["dependencies"]) if r.name == name)
 
 
+# `pip install ... .` (the work tree), possibly as ".${TEACHER_EXTRAS:+[$TEACHER_EXTRAS]}" (with extras)
+PACKAGE_INSTALL = re.compile(r'pip install [^&]*?(?<![\w/-])(?P<target>"?\.(\$\{TEACHER_EXTRAS[^}]*\})?"?)(\s|$)')
+
+
 # ---------------------------------------------------------------------- lint
 def hadolint() -> str:
     exe = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
@@ -82,7 +86,7 @@ def test_installs_torch_first_then_the_package_non_editable(name):
     df = parsed(name)
     runs = [i["value"] for i in instructions(name, "RUN")]
     torch_at = next(n for n, r in enumerate(runs) if "${TORCH_REQUIREMENT}" in r)
-    package_at = next(n for n, r in enumerate(runs) if re.search(r"pip install [^&]*(?<![\w/-])\.(\s|$)", r))
+    package_at = next(n for n, r in enumerate(runs) if PACKAGE_INSTALL.search(r))
     assert torch_at < package_at
     assert "-e " not in runs[package_at] and "--editable" not in runs[package_at]
     assert "--index-url \"${TORCH_INDEX_URL}\"" in runs[torch_at]
@@ -93,6 +97,31 @@ def test_installs_torch_first_then_the_package_non_editable(name):
     pinned = Version(makefile_torch.split("==")[1])
     assert requirement("torch").specifier.contains(pinned)
     assert df.args["TORCH_INDEX_URL"].endswith("/whl/cpu")  # the default build is the CPU variant
+
+
+def test_teacher_extras_build_arg_installs_the_named_extras():
+    """TEACHER_EXTRAS (empty by default) selects the package's extras, e.g. vllm for a teacher image
+    that can run `--engine vllm`; the header shows that build; the torch build installed first stays."""
+    df = parsed("teacher")
+    assert df.args["TEACHER_EXTRAS"] == ""
+    runs = [i["value"] for i in instructions("teacher", "RUN")]
+    (install,) = [r for r in runs if PACKAGE_INSTALL.search(r)]
+    target = PACKAGE_INSTALL.search(install)["target"]
+    assert "${TORCH_REQUIREMENT}" in install  # vLLM pins torch: pip must keep the one above
+
+    def pip_target(extras: str) -> str:  # the word as the image's bash expands it
+        out = subprocess.run(["bash", "-c", f"printf %s {target}"], env={"TEACHER_EXTRAS": extras},
+                             capture_output=True, text=True, check=True)
+        return out.stdout
+
+    assert pip_target("") == "."
+    assert pip_target("vllm") == ".[vllm]"
+    assert pip_target("dev,vllm") == ".[dev,vllm]"
+    extras = pyproject()["project"]["optional-dependencies"]
+    assert "vllm" in extras and "--build-arg TEACHER_EXTRAS=vllm" in DOCKERFILES["teacher"].read_text()
+    # vllm needs a C compiler at run time (Triton builds a module when the engine starts)
+    (apt,) = [r for r in runs if "apt-get install" in r]
+    assert "vllm" in apt and "gcc" in apt and "python3-dev" in apt
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)

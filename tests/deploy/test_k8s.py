@@ -1,4 +1,4 @@
-"""deploy/k8s: the kustomize base and GPU overlay build; every object validates against the
+"""deploy/k8s: the kustomize base and the GPU and vLLM overlays build; every object validates against the
 Kubernetes schemas; the RayCluster has the shape KubeRay (ray.io/v1) expects; and the pieces agree
 with each other and with the code: ports, probes, commands, settings, secrets, network policy.
 
@@ -25,7 +25,8 @@ from teacher_server.serve import DEFAULT_PORT as TEACHER_PORT
 
 # Native gRPC probes are GA from 1.27; check an older supported minor and the newest shipped.
 K8S_VERSIONS = ("1.29", "1.37")
-OVERLAYS = ("base", "overlays/gpu")
+OVERLAYS = ("base", "overlays/gpu", "overlays/vllm")
+GPU_OVERLAYS = ("overlays/gpu", "overlays/vllm")  # the student workers on GPUs in both
 NS = "distillery"
 
 
@@ -46,9 +47,14 @@ def rendered(request, renders) -> tuple[str, list[dict]]:
     return request.param, renders[request.param]
 
 
+@pytest.fixture(scope="module", params=GPU_OVERLAYS)
+def gpu(request, renders) -> list[dict]:
+    return renders[request.param]
+
+
 @pytest.fixture(scope="module")
-def gpu(renders) -> list[dict]:
-    return renders["overlays/gpu"]
+def vllm(renders) -> list[dict]:
+    return renders["overlays/vllm"]
 
 
 @pytest.fixture(scope="module")
@@ -253,10 +259,16 @@ def test_teacher_deployment_and_headless_service(rendered):
     mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/models")
     assert mount["readOnly"] and str(p["model"]).startswith("/models/")
     gpus = c["resources"]["limits"].get("nvidia.com/gpu")
-    if overlay == "overlays/gpu":
+    if overlay == "overlays/vllm":  # one teacher over several GPUs; vLLM refuses --device
+        assert p["engine"] == "vllm" and p["device"] is None and not p["compile"]
+        assert gpus == c["resources"]["requests"]["nvidia.com/gpu"] == p["tensor_parallel_size"] > 1
+        assert c["image"].endswith(":vllm")
+    elif overlay == "overlays/gpu":
+        assert p["engine"] == "transformers"
         assert p["device"] == "cuda" and gpus == c["resources"]["requests"]["nvidia.com/gpu"] == 1
         assert c["image"].endswith(":gpu")
     else:
+        assert p["engine"] == "transformers"
         assert p["device"] == "cpu" and gpus is None
 
 
@@ -268,6 +280,34 @@ def test_gpu_overlay_gives_student_workers_gpus(gpu, base):
     assert any(t["key"] == "nvidia.com/gpu" for t in workers["template"]["spec"]["tolerations"])
     assert "nvidia.com/gpu" not in str(find(base, "RayCluster", "distillery-ray"))
     assert "nvidia.com/gpu" not in str(rc["spec"]["headGroupSpec"])  # the head trains nothing
+
+
+def test_vllm_overlay_teacher(vllm, renders):
+    """`--engine vllm --tensor-parallel-size N` with N GPUs requested, memory-backed /dev/shm for the
+    workers (inside the memory limit), a toleration for the GPU taint; the rest of the stack is
+    overlays/gpu's."""
+    teacher = find(vllm, "Deployment", "distillery-teacher")
+    pod = teacher["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    argv = c["command"]
+    assert argv[argv.index("--engine") + 1] == "vllm" and "--device" not in argv
+    p = parse_distillery(argv[1:]).params
+    assert p["tensor_parallel_size"] == 2  # the example; kustomization.yaml says how to change it
+    for kind in ("requests", "limits"):
+        assert c["resources"][kind]["nvidia.com/gpu"] == p["tensor_parallel_size"], kind
+    (shm,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    volume = next(v for v in pod["volumes"] if v["name"] == shm["name"])
+    assert volume["emptyDir"]["medium"] == "Memory"
+    gib = lambda q: int(q.removesuffix("Gi"))  # noqa: E731
+    assert 1 <= gib(volume["emptyDir"]["sizeLimit"]) < gib(c["resources"]["limits"]["memory"])
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    # everything but the teacher is as in overlays/gpu
+    gpu = renders["overlays/gpu"]
+    key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+    assert sorted(map(key, vllm)) == sorted(map(key, gpu))
+    for doc in vllm:
+        if key(doc) != ("Deployment", "distillery-teacher"):
+            assert doc == next(d for d in gpu if key(d) == key(doc)), key(doc)
 
 
 def test_redis_statefulset_keeps_an_append_only_file_on_a_claim(base):
