@@ -19,8 +19,9 @@ from services.store import Job, JobNotFound, StoreUnavailable, TransitionRefused
 
 log = logging.getLogger(__name__)
 
-JOB_ID = r"^[A-Za-z0-9._-]{1,80}$"
-EVENT_ID = r"^[0-9]{1,20}(-[0-9]{1,20})?$"
+JOB_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"
+# Redis stream ids are two unsigned 64-bit numbers; 19 digits stay below 2^64 (ms clocks use 13).
+EVENT_ID = r"^[0-9]{1,19}(-[0-9]{1,19})?$"
 IDEMPOTENCY_KEY = r"^[A-Za-z0-9._:-]{1,128}$"
 TOKEN_ENV = re.compile(r"^DISTILLERY_TEACHER_TOKEN[A-Z0-9_]{0,64}$")
 MAX_PATH_BYTES = 4096

@@ -50,6 +50,7 @@ LIVE = ("PENDING", "RUNNING")  # Ray job statuses that are not an end
 # The driver only waits on its workers. Any reservation would make a job that asks for every CPU of
 # the cluster unschedulable (its workers' placement group waits on the driver's share forever).
 ENTRYPOINT_CPUS = 0
+EVENTS_URL_FILE = ".events-url"  # in the run directory, mode 0600: the workers' Redis event sink
 JOB_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
 MISSING_LIMIT = 3  # polls in a row Ray does not know a submitted job before it is given up
 ERROR_CHARS = 2000
@@ -275,6 +276,10 @@ class Scheduler:
         try:
             held.run_dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(held.run_dir / "spec.json", spec.to_json())
+            # The Redis URL (and any password in it) goes to the workers in a file only its owner
+            # reads, never on the Ray job's command line, which the Ray dashboard shows.
+            _write_atomic(held.run_dir / EVENTS_URL_FILE, events_url(
+                self.settings.redis_url, self.settings.redis_prefix, self.settings.events_max), mode=0o600)
         except OSError as exc:
             self._finish(held, "failed", reason="run_dir_error", error=str(exc))
             return
@@ -313,11 +318,13 @@ class Scheduler:
         return bool(alive)
 
     def _entrypoint(self, held: Held) -> str:
+        """The Ray job's command line: every value as `--flag=value`, so none can be read as a
+        flag, and no secret in it (the Redis URL is read from a 0600 file in the run directory)."""
         run = held.run_dir
         return shlex.join([
-            self.python, "-m", "student_worker.run", "--spec", str(run / "spec.json"), "--job-id", held.job_id,
-            "--attempt", str(held.attempt), "--events", f"file:{run / 'events.jsonl'}",
-            "--events", events_url(self.settings.redis_url, self.settings.redis_prefix, self.settings.events_max),
+            self.python, "-m", "student_worker.run", f"--spec={run / 'spec.json'}", f"--job-id={held.job_id}",
+            f"--attempt={held.attempt}", f"--events=file:{run / 'events.jsonl'}",
+            f"--events=redis-file:{run / EVENTS_URL_FILE}",
         ])
 
     def _mark_running(self, held: Held) -> None:
@@ -456,9 +463,12 @@ def _describe(exc: Exception) -> str:
     return text[:ERROR_CHARS]
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)  # the mode from the start
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)  # whatever the umask
     tmp.replace(path)
 
 

@@ -182,7 +182,7 @@ class ResourcesSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    name: str = Field("distill", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
+    name: str = Field("distill", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="Human-readable job name.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of data order, sampling and init.")
     student: StudentSpec

@@ -80,9 +80,12 @@ class MultiSink:
 
 def open_sink(targets: list[str], job_id: str = "", attempt: int = 0) -> EventSink:
     """`stdout`, `file:PATH` (or a bare path), `redis://...?prefix=P&max_events=N` (the job
-    service's stream, its key prefix and how many events it keeps per job)."""
+    service's stream, its key prefix and how many events it keeps per job), or `redis-file:PATH`:
+    that URL read from a file (the scheduler's way, so no password is on a command line)."""
     sinks: list[EventSink] = []
     for t in targets:
+        if t.startswith("redis-file:"):
+            t = Path(t[len("redis-file:"):]).read_text().strip()
         if t.startswith(("redis://", "rediss://", "unix://")):
             from urllib.parse import parse_qs, urlsplit, urlunsplit
 

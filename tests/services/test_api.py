@@ -181,6 +181,12 @@ def test_not_found_and_bad_queries(client):
         assert r.status_code == 422 and r.json()["error"] == "invalid_request", query
     assert client.get("/v1/jobs/bad:id").status_code == 422
     assert client.get("/v1/jobs/x/events", params={"after": "nope"}).status_code == 422
+    # Above 2^64 Redis refuses a stream id mid-stream: refused up front instead.
+    for too_big in ("18446744073709551616", "1-18446744073709551616", "99999999999999999999"):
+        assert client.get("/v1/jobs/x/events", params={"after": too_big}).status_code == 422
+        r = client.get("/v1/jobs/x/events", headers={"Last-Event-ID": too_big})
+        assert r.status_code == 422, too_big
+    assert client.get("/v1/jobs/-x").status_code == 422
 
 
 # ------------------------------------------------------------------------------------ SSE
@@ -356,6 +362,8 @@ WRONG = {
     "huge list": (("teacher", "endpoints"), ["127.0.0.1:1"] * 10_000), "list for str": (("name",), ["a"]),
     "object for float": (("distill", "lr"), {"a": 1}), "null required": (("student",), None),
     "two teachers": (("teacher", "endpoints"), ["127.0.0.1:1"]), "bad name": (("name",), "../x"),
+    # would reach the Ray entrypoint as a flag (the job id starts with the name)
+    "name like a flag": (("name",), "-x"), "name like a long flag": (("name",), "--help"),
 }
 
 

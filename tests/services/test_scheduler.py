@@ -112,9 +112,14 @@ def test_a_claimed_job_runs_as_a_ray_job_and_its_success_is_recorded(store, make
     assert submitted["metadata"]["distillery_job_id"] == job_id
     assert submitted["env"]["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     assert shlex.split(submitted["entrypoint"]) == [
-        "python", "-m", "student_worker.run", "--spec", f"{run_dir}/spec.json", "--job-id", job_id,
-        "--attempt", "1", "--events", f"file:{run_dir}/events.jsonl",
-        "--events", f"{redis_url}?prefix={redis_prefix}&max_events=10000"]
+        "python", "-m", "student_worker.run", f"--spec={run_dir}/spec.json", f"--job-id={job_id}",
+        "--attempt=1", f"--events=file:{run_dir}/events.jsonl",
+        f"--events=redis-file:{run_dir}/.events-url"]
+    # The Redis URL is never on the command line (the Ray dashboard shows it): a 0600 file.
+    assert redis_url not in submitted["entrypoint"]
+    url_file = run_dir / ".events-url"
+    assert url_file.read_text() == f"{redis_url}?prefix={redis_prefix}&max_events=10000"
+    assert url_file.stat().st_mode & 0o777 == 0o600
     from student_worker.config import JobSpec
 
     written = JobSpec.from_file(run_dir / "spec.json")
@@ -353,8 +358,9 @@ def test_events_url_adds_the_prefix():
     assert events_url("redis://h:6379/2?max_events=1", "p", 50) == "redis://h:6379/2?prefix=p&max_events=50"
 
 
-def test_the_worker_sink_keeps_the_services_event_bound(redis_url):
-    """DISTILLERY_EVENTS_MAX reaches the worker: its sink trims the job's stream to that many."""
+def test_the_worker_sink_keeps_the_services_event_bound(redis_url, tmp_path):
+    """DISTILLERY_EVENTS_MAX reaches the worker: its sink trims the job's stream to that many.
+    The sink's URL comes from the file the scheduler writes (`redis-file:`), as in a real job."""
     import uuid
 
     from student_worker.events import open_sink
@@ -362,7 +368,9 @@ def test_the_worker_sink_keeps_the_services_event_bound(redis_url):
     prefix = f"test-bound-{uuid.uuid4().hex[:8]}"
     store = JobStore(redis_url, prefix, max_events=5)
     job_id, _ = store.create({"name": "bound"}, name="bound")
-    sink = open_sink([events_url(redis_url, prefix, 5)], job_id=job_id, attempt=0)
+    url_file = tmp_path / ".events-url"
+    url_file.write_text(events_url(redis_url, prefix, 5))
+    sink = open_sink([f"redis-file:{url_file}"], job_id=job_id, attempt=0)
     assert sink.sinks[0].max_events == 5
     for step in range(1, 301):
         sink.emit({"kind": "metrics", "stage": "distill", "step": step, "rank": 0, "loss": 1.0})
