@@ -7,11 +7,17 @@ than once, and it must still appear once (RELIABILITY R-02).
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
+
+
+log = logging.getLogger(__name__)
 
 
 def event_key(event: dict[str, Any]) -> str:
@@ -153,17 +159,39 @@ return 1
 
 
 class RedisSink:
-    """Worker events into the job's Redis stream, once each, and only for the current attempt."""
+    """Worker events into the job's Redis stream, once each, and only for the current attempt.
+
+    Training never waits for, or dies of, a slow or absent Redis: `emit` only queues the event
+    (a bounded buffer of `max_buffer`); a sender thread writes them in order and, when Redis
+    fails, retries with backoff (0.1 s doubling to 5 s). Only when the buffer is full is the
+    oldest event dropped, and counted (`dropped`; logged, and sent as an `events_dropped` event
+    once Redis answers again). `close` sends what is left, waiting at most `close_timeout_s`.
+    """
 
     def __init__(self, url: str, job_id: str, attempt: int, prefix: str = "distillery",
-                 max_events: int = 10_000) -> None:
+                 max_events: int = 10_000, *, max_buffer: int = 5_000, close_timeout_s: float = 15.0) -> None:
         import redis
 
         self.client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
         self.keys, self.job_id, self.attempt, self.max_events = RedisKeys(prefix), job_id, attempt, max_events
         self._emit = self.client.register_script(_EMIT_LUA)
+        self.max_buffer, self.close_timeout_s = max_buffer, close_timeout_s
+        self.dropped = self._reported = 0
+        self._buffer: collections.deque[dict[str, Any]] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._sender = threading.Thread(target=self._send_loop, name="redis-events", daemon=True)
+        self._sender.start()
 
     def emit(self, event: dict[str, Any]) -> None:
+        with self._cond:
+            if len(self._buffer) >= self.max_buffer:
+                self._buffer.popleft()
+                self.dropped += 1
+            self._buffer.append(event)
+            self._cond.notify()
+
+    def _write(self, event: dict[str, Any]) -> None:
         progress = ""
         if event.get("kind") == "metrics" and event.get("rank", 0) == 0 and "loss" in event:
             progress = json.dumps({k: event.get(k) for k in ("stage", "step", "loss", "tokens_per_s")})
@@ -172,5 +200,43 @@ class RedisSink:
                    args=[f"{self.attempt}:{event_key(event)}", json.dumps(event, default=str),
                          self.max_events, progress, self.attempt])
 
+    def _send_loop(self) -> None:
+        backoff = 0.0
+        while True:
+            with self._cond:
+                while not self._buffer and not self._closing:
+                    self._cond.wait()
+                if not self._buffer:
+                    return
+                event = self._buffer[0]
+                if backoff:  # Redis failed: wait, unless closing asks to hurry
+                    self._cond.wait(backoff)
+            try:
+                if self.dropped > self._reported:
+                    count = self.dropped
+                    self._write({"kind": "events_dropped", "id": f"dropped:{count}", "count": count})
+                    self._reported = count
+                self._write(event)
+            except Exception as exc:  # noqa: BLE001 - Redis down, slow or refusing: retry later
+                backoff = min(5.0, max(0.1, 2 * backoff))
+                log.warning("event store unavailable (%s: %s); %d events buffered, retrying in %.1f s",
+                            type(exc).__name__, exc, len(self._buffer), backoff)
+                if self._closing and time.monotonic() > self._close_deadline:
+                    return
+                continue
+            backoff = 0.0
+            with self._cond:
+                if self._buffer and self._buffer[0] is event:
+                    self._buffer.popleft()
+
     def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._close_deadline = time.monotonic() + self.close_timeout_s
+            self._cond.notify_all()
+        self._sender.join(self.close_timeout_s + 1.0)
+        left = len(self._buffer)
+        if left or self.dropped:
+            log.warning("event store: %d events dropped while it was unavailable, %d not sent at close",
+                        self.dropped, left)
         self.client.close()
