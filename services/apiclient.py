@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 import httpx
 
@@ -48,23 +49,51 @@ class ApiClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel")
 
-    def events(self, job_id: str, after: str | None = None) -> Iterator[dict[str, Any]]:
-        """Server-Sent Events of a job: backlog then live, until the job ends."""
-        params = {"after": after} if after else {}
-        try:
-            with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params=params, timeout=None) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    self._check(r)
-                data: list[str] = []
-                for line in r.iter_lines():
-                    if line.startswith("data:"):
-                        data.append(line[5:].strip())
-                    elif not line and data:
-                        yield json.loads("\n".join(data))
-                        data = []
-        except httpx.ConnectError:
-            raise ApiError(0, f"no API at {self.http.base_url}") from None
+    def events(self, job_id: str, after: str | None = None, *, reconnect_s: float = 300.0,
+               on_retry: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
+        """Server-Sent Events of a job: backlog then live, until the job ends.
+
+        A stream cut by the API going away (restart, network) is resumed from the last event id
+        (`Last-Event-ID`), so no event is shown twice or lost; reconnection backs off from 0.5 s
+        to 5 s, tells `on_retry` why, and gives up (ApiError) after `reconnect_s` without one."""
+        last, backoff, down_since, connected = after, 0.5, None, False
+        while True:
+            try:
+                headers = {"Last-Event-ID": last} if last else {}
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                                      timeout=None) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        self._check(r)
+                    connected = True
+                    data: list[str] = []
+                    event_id = None
+                    for line in r.iter_lines():
+                        if line.startswith("id:"):
+                            event_id = line[3:].strip()
+                        elif line.startswith("data:"):
+                            data.append(line[5:].strip())
+                        elif not line and data:
+                            if event_id:
+                                last = event_id
+                            backoff, down_since = 0.5, None
+                            yield json.loads("\n".join(data))
+                            data, event_id = [], None
+                return  # the server ended the stream: the job ended
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                if not connected:  # never reached: a wrong URL or a stack that is not up
+                    raise ApiError(0, f"no API at {self.http.base_url} (is the stack up? "
+                                      "`distillery up`)") from None
+                now = time.monotonic()
+                down_since = down_since or now
+                if now - down_since > reconnect_s:
+                    raise ApiError(0, f"no API at {self.http.base_url} for {reconnect_s:.0f} s "
+                                      f"({type(exc).__name__})") from None
+                if on_retry is not None:
+                    on_retry(f"API at {self.http.base_url} unreachable ({type(exc).__name__}); "
+                             f"reconnecting in {backoff:.1f} s, from event {last or 'the start'}")
+                time.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
 
     def close(self) -> None:
         self.http.close()

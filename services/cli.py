@@ -233,7 +233,7 @@ def _follow(client, job_id: str) -> None:
     state = "queued"
     with step_bar(console) as bar:
         task = bar.add_task(f"{job_id} queued", total=None, info="")
-        for ev in client.events(job_id):
+        for ev in client.events(job_id, on_retry=lambda msg: console.print(f"[yellow]{msg}[/yellow]")):
             if ev.get("kind") == "state":
                 state = ev["state"]
                 bar.update(task, description=f"{job_id} {state}")
@@ -304,7 +304,7 @@ def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f", help=
     client = _client(api_url, api_key)
     try:
         if follow:
-            for ev in client.events(job_id):
+            for ev in client.events(job_id, on_retry=lambda msg: typer.echo(msg, err=True)):
                 typer.echo(json.dumps(ev))
         else:
             listing = client.http.get(f"/v1/jobs/{job_id}/events", params={"follow": "false"})
