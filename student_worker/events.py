@@ -228,6 +228,18 @@ class RedisSink:
             with self._cond:
                 if self._buffer and self._buffer[0] is event:
                     self._buffer.popleft()
+                self._cond.notify_all()  # a flush() may be waiting for the buffer to empty
+
+    def flush(self, timeout_s: float = 15.0) -> bool:
+        """Wait until every event emitted so far is written (True), or `timeout_s` passed."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._buffer:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
 
     def close(self) -> None:
         with self._cond:

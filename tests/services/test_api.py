@@ -204,6 +204,7 @@ def test_events_backlog_then_live_until_terminal(settings, store):
             store.transition(job_id, allowed=("queued",), to="starting")
             store.transition(job_id, allowed=("starting",), to="running")
             sink.emit({"kind": "metrics", "stage": "distill", "step": 3, "rank": 0, "loss": 0.25})
+            assert sink.flush()  # the sink writes in the background; a worker flushes it before it ends
             store.transition(job_id, allowed=("running",), to="succeeded")
 
         thread = threading.Thread(target=worker)

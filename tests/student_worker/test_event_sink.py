@@ -68,3 +68,17 @@ def test_close_gives_up_after_its_timeout_when_redis_never_returns():
     start = time.monotonic()
     sink.close()
     assert time.monotonic() - start < 3.0 and script.got == []
+
+
+def test_flush_waits_until_everything_emitted_is_written():
+    script = FlakyScript()
+    sink = sink_with(script)
+    for step in range(20):
+        sink.emit({"kind": "metrics", "step": step})
+    assert sink.flush(5.0) and len(script.got) == 20
+    script.down.set()
+    sink.emit({"kind": "metrics", "step": 20})
+    assert not sink.flush(0.3)  # Redis down: it says so instead of waiting forever
+    script.down.clear()
+    sink.close()
+    assert len(script.got) == 21
