@@ -102,7 +102,9 @@ def ref_coarsen(q_full: np.ndarray, topk_ids, topk_lp, tok: int, tok_lp: float, 
 def make_case(b=2, t=3, v=9, seed=0, dtype=torch.float64, scale=2.0):
     g = torch.Generator().manual_seed(seed)
     student = (scale * torch.randn(b, t, v, generator=g)).to(dtype)
-    teacher_lp = torch.log_softmax(scale * torch.randn(b, t, v, generator=g), -1).to(dtype)
+    # Normalised in `dtype`: the sparse tail is the teacher's mass outside the support as given,
+    # so a float32 row cast to float64 (summing to 1 ± 2e-7) would show in the float64 checks.
+    teacher_lp = torch.log_softmax((scale * torch.randn(b, t, v, generator=g)).to(dtype), -1)
     tokens = torch.randint(0, v, (b, t), generator=g)
     return student, teacher_lp, tokens
 
