@@ -86,11 +86,11 @@ class SparseTeacher:
     def from_dense(cls, logprobs: Tensor, token_ids: Tensor, k: int) -> "SparseTeacher":
         """The sparse view a teacher server sends of full log-prob rows [B, T, V] (tests, benches,
         in-process teachers): top-k, the actual tokens' log-probs, the exact log tail."""
+        from teacher_server.sampling import outside_logmass
+
         vals, ids = logprobs.topk(k, dim=-1)
         token_lp = logprobs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
-        outside = logprobs.scatter(-1, ids, float("-inf"))
-        outside = outside.scatter(-1, token_ids.unsqueeze(-1), float("-inf"))
-        return cls(ids, vals, token_ids, token_lp, outside.logsumexp(-1))
+        return cls(ids, vals, token_ids, token_lp, outside_logmass(logprobs, ids, token_ids))
 
 
 Teacher = DenseTeacher | SparseTeacher

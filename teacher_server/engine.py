@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .sampling import generate, head_logits, pad, temper
+from .sampling import generate, head_logits, outside_logmass, pad, temper
 from .contract import (
     Generation,
     Limits,
@@ -214,8 +214,7 @@ class TeacherEngine:
             parts[2].append(lp.gather(-1, t[:, None])[:, 0].cpu())
             if full_rows:
                 parts[4].append(lp.cpu())
-            outside = lp.scatter(-1, idx, float("-inf")).scatter_(-1, t[:, None], float("-inf"))
-            parts[3].append(outside.logsumexp(-1).cpu())
+            parts[3].append(outside_logmass(lp, idx, t).cpu())
         k = top_k
         cat = lambda xs, shape: torch.cat(xs) if xs else torch.empty(shape)  # noqa: E731
         return (cat(parts[0], (0, k)).long(), cat(parts[1], (0, k)), cat(parts[2], (0,)),

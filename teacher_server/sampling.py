@@ -45,6 +45,14 @@ def temper(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 _FP32_HEADS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
+def outside_logmass(logprobs: torch.Tensor, topk_ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """log of the mass outside top-k ∪ {actual token}: logprobs [..., V], topk_ids [..., k],
+    token_ids [...] -> [...]; a log-sum-exp over the other tokens (exact for a confident row,
+    where 1 - sum would round to 0); -inf when nothing is left."""
+    outside = logprobs.scatter(-1, topk_ids, float("-inf"))
+    return outside.scatter_(-1, token_ids.unsqueeze(-1), float("-inf")).logsumexp(-1)
+
+
 def head_logits(head: torch.nn.Module, states: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
     """float32 logits of the output head at `states` [N, H], softcapped when the model says so.
 
