@@ -72,6 +72,7 @@ from services.protocol import (
     Unauthorized,
 )
 from services.jobs import JobService, http_ray_ping
+from services.rayapi import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,9 @@ def _router(service: JobService, settings: Settings, heartbeat_s: float) -> APIR
     @v1.post("/jobs", status_code=201, response_model=JobRecord, openapi_extra=spec_body, responses={
         200: {"model": JobRecord, "description": "Repeat of an earlier request with the same Idempotency-Key."},
         400: {"model": ErrorBody, "description": "A path outside the roots, or trust_remote_code."},
-        413: {"model": ErrorBody, "description": "Body over the size limit."}})
+        413: {"model": ErrorBody, "description": "Body over the size limit."},
+        422: {"model": ErrorBody, "description": "The spec does not validate (invalid_spec), or the job asks for "
+                                                 "more than the cluster has in all (does_not_fit)."}})
     def submit(response: Response, body: bytes = Depends(_raw_body),
                idempotency_key: str | None = Header(None, alias="Idempotency-Key", pattern=IDEMPOTENCY_KEY,
                                                     description="Repeat-safe submission: same key, same job (24 h).")
@@ -253,6 +256,13 @@ def _router(service: JobService, settings: Settings, heartbeat_s: float) -> APIR
     def cancel(job_id: JobId) -> CancelResult:
         """Cancel a job: a queued one at once, a running one through the scheduler."""
         return CancelResult(id=job_id, state=service.cancel(job_id))
+
+    @v1.post("/jobs/{job_id}/resume", response_model=JobRecord, responses={
+        **not_found, 409: {"model": ErrorBody, "description": "Only a failed or cancelled job resumes."}})
+    def resume(job_id: JobId) -> JobRecord:
+        """Queue a failed or cancelled job again: its next attempt carries on from the last
+        checkpoint of the earlier ones (same run directory)."""
+        return JobRecord.of(service.resume(job_id))
 
     @v1.get("/jobs/{job_id}/events", response_class=StreamingResponse, responses={
         **not_found, 200: {"description": "Server-Sent Events: `id` is the stream id, `event` the kind, `data` "
@@ -309,9 +319,10 @@ def _probes(service: JobService, registry: CollectorRegistry) -> APIRouter:
         """The process is alive."""
         return Health()
 
-    @probes.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+    @probes.get("/readyz", response_model=Readiness, response_model_exclude_none=True,
+                responses={503: {"model": Readiness}})
     def readyz(response: Response) -> Readiness:
-        """Redis and Ray are reachable."""
+        """Redis and Ray are reachable, and the teacher SERVING when DISTILLERY_TEACHER_ENDPOINT names one."""
         ready = service.readiness()
         response.status_code = 200 if ready.status == "ready" else 503
         return ready
@@ -347,13 +358,16 @@ def check_exposure(settings: Settings) -> None:
 
 
 def create_app(settings: Settings, store: JobStore | None = None, ray_ping: Callable[[], bool] | None = None,
-               *, sse_block_ms: int = 1000, sse_heartbeat_s: float = 15.0) -> FastAPI:
+               *, sse_block_ms: int = 1000, sse_heartbeat_s: float = 15.0,
+               ray_cluster: Callable[[], Cluster | None] | None = None) -> FastAPI:
     """The API over `store` (default: Redis at settings.redis_url). `ray_ping` answers /readyz's
-    Ray half (default: the Ray dashboard at settings.ray_address answers)."""
+    Ray half and `ray_cluster` the cluster's resources for the submit-time fit check (default:
+    the Ray dashboard at settings.ray_address)."""
     check_exposure(settings)
     owned = store is None
     store = store or JobStore(settings.redis_url, settings.redis_prefix, settings.events_max)
-    service = JobService(settings, store, ray_ping or http_ray_ping(settings.ray_address), block_ms=sse_block_ms)
+    service = JobService(settings, store, ray_ping or http_ray_ping(settings.ray_address), block_ms=sse_block_ms,
+                         cluster=ray_cluster)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -49,6 +49,9 @@ class ApiClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def resume(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}/resume")
+
     def events(self, job_id: str, after: str | None = None, *, reconnect_s: float = 300.0,
                on_retry: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
         """Server-Sent Events of a job: backlog then live, until the job ends.

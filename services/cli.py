@@ -263,12 +263,13 @@ def jobs(state: Optional[str] = typer.Option(None, help="Only jobs in this state
     except ApiError as exc:
         _fail(exc)
     table = Table()
-    for col in ("id", "state", "attempt", "stage", "step", "loss"):
+    for col in ("id", "state", "attempt", "stage", "step", "loss", "note"):
         table.add_column(col)
     for j in listing["jobs"]:
         p = j.get("progress") or {}
+        note = j.get("waiting") if j["state"] == "queued" else j.get("reason", "")
         table.add_row(j["id"], j["state"], str(j["attempt"]), str(p.get("stage", "")), str(p.get("step", "")),
-                      f"{p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else "")
+                      f"{p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else "", note or "")
     Console().print(table)
 
 
@@ -293,6 +294,19 @@ def cancel(job_id: str, api_url: Optional[str] = ApiUrl, api_key: Optional[str] 
     except ApiError as exc:
         _fail(exc)
     typer.echo(f"{job_id} {result.get('state')}")
+
+
+@app.command("resume")
+def resume(job_id: str, api_url: Optional[str] = ApiUrl, api_key: Optional[str] = ApiKey) -> None:
+    """Queue a failed or cancelled job again; it carries on from its last checkpoint."""
+    from services.apiclient import ApiError
+
+    try:
+        job = _client(api_url, api_key).resume(job_id)
+    except ApiError as exc:
+        _fail(exc)
+    typer.echo(f"{job_id} {job.get('state')} (attempt {job.get('attempt')} ended; the next resumes from its "
+               "last checkpoint)")
 
 
 @app.command("logs")

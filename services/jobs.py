@@ -7,22 +7,26 @@ import json
 import logging
 import math
 import os
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote
 
 from pydantic import ValidationError
 
+from services.admission import never_fits
+from services.rayapi import Cluster, http_ray_cluster, http_ray_ping, ray_auth_headers  # noqa: F401 - the API's probes
 from services.settings import Settings
-from services.store import TERMINAL, Job, JobStore
+from services.store import TERMINAL, Job, JobStore, TransitionRefused
 from student_worker.config import JobSpec
+from teacher_server.health import serving
 
 from services.protocol import (
     _clean_errors,
     AlreadyEnded,
     InvalidSpec,
     MAX_PATH_BYTES,
+    NeverFits,
+    NotResumable,
     PathRefused,
     Readiness,
     TOKEN_ENV,
@@ -122,11 +126,14 @@ class JobService:
     """Validates and orchestrates; returns typed results or raises the errors above."""
 
     def __init__(self, settings: Settings, store: JobStore, ray_ping: Callable[[], bool],
-                 block_ms: int = 1000) -> None:
+                 block_ms: int = 1000, cluster: Callable[[], Cluster | None] | None = None) -> None:
         self.store, self.ray_ping, self.block_ms = store, ray_ping, block_ms
+        # A job larger than the cluster is refused at submit, unless the cluster grows on demand.
+        self.cluster = None if settings.cluster_autoscales else (cluster or http_ray_cluster(settings.ray_address))
         self.models = PathPolicy(settings.model_roots, "DISTILLERY_MODEL_ROOTS", "model")
         self.data = PathPolicy(settings.data_roots, "DISTILLERY_DATA_ROOTS", "data")
         self.runs = PathPolicy((settings.runs_dir,), "DISTILLERY_RUNS_DIR", "run")
+        self.teacher_endpoint = settings.teacher_endpoint
 
     def accept(self, raw: bytes) -> JobSpec:
         """Body bytes -> a JobSpec whose paths passed the policy (resolved, absolute)."""
@@ -157,14 +164,33 @@ class JobService:
         return spec
 
     def submit(self, raw: bytes, idempotency_key: str | None) -> tuple[Job, bool]:
-        doc = self.accept(raw).model_dump(mode="json")
+        spec = self.accept(raw)
+        self.check_fits(spec)
+        doc = spec.model_dump(mode="json")
         job_id, created = self.store.create(doc, name=doc["name"], idempotency_key=idempotency_key)
         job = self.store.get(job_id)
         if not created and job.spec != doc:
             raise InvalidSpec("this Idempotency-Key was used for a different job spec")
         return job, created
 
+    def check_fits(self, spec: JobSpec) -> None:
+        """422 for a job that could never start on this cluster (with the numbers). When Ray does
+        not answer the job is accepted: the scheduler admits it once Ray tells what is free."""
+        cluster = self.cluster() if self.cluster is not None else None
+        if cluster is not None and (why := never_fits(spec, cluster)) is not None:
+            raise NeverFits(f"{why}: it could never start. Ask for fewer or smaller workers "
+                            "(resources.workers, cpus_per_worker, gpus_per_worker, memory_gb_per_worker)")
+
     def get(self, job_id: str) -> Job:
+        return self.store.get(job_id)
+
+    def resume(self, job_id: str) -> Job:
+        """A failed or cancelled job back to the queue; its next attempt carries on from the last
+        checkpoint in its run directory."""
+        try:
+            self.store.resume(job_id)
+        except TransitionRefused as exc:
+            raise NotResumable(str(exc)) from None
         return self.store.get(job_id)
 
     def list(self, state: str | None, offset: int, limit: int) -> list[Job]:
@@ -192,36 +218,9 @@ class JobService:
             ray_ok = bool(self.ray_ping())
         except Exception:  # a probe that raises is a probe that failed
             ray_ok = False
-        return Readiness(status="ready" if redis_ok and ray_ok else "not_ready", redis=redis_ok, ray=ray_ok)
+        teacher_ok = serving(self.teacher_endpoint) if self.teacher_endpoint else None
+        ready = redis_ok and ray_ok and teacher_ok is not False
+        return Readiness(status="ready" if ready else "not_ready", redis=redis_ok, ray=ray_ok, teacher=teacher_ok)
 
     def count_by_state(self) -> dict[str, int]:
         return self.store.count_by_state()
-
-
-def ray_auth_headers() -> dict[str, str]:
-    """The headers Ray's own clients send when the cluster has token authentication on (the
-    default since Ray 2.5x); empty when it is off or Ray cannot tell."""
-    try:
-        from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
-    except ImportError:  # an older Ray without token auth
-        return {}
-    try:
-        return dict(get_auth_headers_if_auth_enabled({}))
-    except Exception:  # noqa: BLE001 - no token to be had: the request goes without one
-        return {}
-
-
-def http_ray_ping(address: str, timeout_s: float = 2.0) -> Callable[[], bool]:
-    """Ray is reachable when its dashboard (the Jobs API the scheduler uses) answers."""
-    url = address.rstrip("/") + "/api/version"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-    def ping() -> bool:
-        try:
-            request = urllib.request.Request(url, headers=ray_auth_headers())
-            with opener.open(request, timeout=timeout_s) as resp:
-                return resp.status == 200
-        except (OSError, ValueError):
-            return False
-
-    return ping

@@ -58,6 +58,9 @@ class JobRecord(BaseModel):
     progress: dict[str, Any] = Field(description="Latest stage, step, loss and tokens/s.")
     summary: dict[str, Any] = Field(description="Final metrics and eval once the job ends.")
     checkpoint: str = Field(description="Latest checkpoint path.")
+    waiting: str = Field("", description="Why a queued job is not running yet (admission: the cluster's free "
+                                         "resources or the cap on running jobs); empty otherwise.")
+    resumes: int = Field(0, description="Times the job was resumed after it failed or was cancelled.")
 
     @classmethod
     def of(cls, job: Job) -> "JobRecord":
@@ -84,6 +87,8 @@ class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     redis: bool
     ray: bool
+    teacher: bool | None = Field(None, description="The teacher at DISTILLERY_TEACHER_ENDPOINT is SERVING; "
+                                                   "absent when none is configured.")
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -110,6 +115,15 @@ class UnsafeSpec(ApiError):
 
 class AlreadyEnded(ApiError):
     status, code = 409, "conflict"
+
+
+class NotResumable(ApiError):
+    status, code = 409, "conflict"
+
+
+class NeverFits(ApiError):
+    """The job asks for more than the cluster has in all: it could never start."""
+    status, code = 422, "does_not_fit"
 
 
 class TooLarge(ApiError):

@@ -3,16 +3,22 @@
     DISTILLERY_RAY_ADDRESS=http://127.0.0.1:8265 DISTILLERY_RUNS_DIR=runs python -m services.scheduler
     # or: distillery scheduler
 
-One pass (`tick`): renew the leases that are due -> requeue jobs whose lease lapsed (their owner is
-gone) -> claim queued jobs -> for each held job: fail it if its spec is invalid (R-24), stop a
-cancelled one, submit a new one, or copy its Ray job's end into the store. `run_forever` repeats
+One pass (`tick`): renew the leases that are due -> take over jobs whose lease lapsed (their owner is
+gone): adopt the ones whose Ray job Ray still knows, requeue the rest -> claim queued jobs while the
+next one fits the cluster (services/admission.py) -> for each held job: fail it if its spec is
+invalid (R-24), stop a cancelled one, submit a new one, or copy its Ray job's state into the store. `run_forever` repeats
 the pass every `poll_s` and renews leases from a thread of its own every lease_s / 3, so a slow
 pass never lets a lease lapse.
 
+Takeover (R-20): a job whose lease lapsed while Ray still runs (or knows the end of) its submission
+is adopted: the new scheduler takes the lease for the same attempt and carries on mirroring, so the
+training is not interrupted. Only when Ray does not know the submission (a restarted Ray head) is
+the job requeued, and its next attempt resumes from the last checkpoint.
+
 Fencing (R-20, R-21): every write names the attempt and this scheduler's id, and the store's Lua
 script refuses it when either has moved on. A scheduler that finds its lease renewal refused, or
-the job hash naming another attempt or owner, writes nothing more for that job: it stops the Ray
-job of its own attempt and forgets the job.
+the job hash naming another attempt or owner, writes nothing more for that job and forgets it; it
+stops the Ray job of its attempt unless another scheduler adopted that very submission.
 
 Ray Jobs: the submission id is `<job id>-a<attempt>` (Ray never accepts a submission id twice); the
 plain job id is in the Ray job's metadata and names the Ray Train run. The run directory
@@ -41,75 +47,19 @@ from pydantic import ValidationError
 
 from student_worker.config import JobSpec
 
+from .admission import wait_reason
+from .rayapi import RayJobs
 from .settings import Settings
-from .store import ACTIVE, Job, JobNotFound, JobStore, StoreUnavailable, TransitionRefused
+from .store import ACTIVE, Job, JobNotFound, JobStore, QueueEntry, StoreUnavailable, TransitionRefused
 
 log = logging.getLogger("distillery.scheduler")
 
 LIVE = ("PENDING", "RUNNING")  # Ray job statuses that are not an end
-# The driver only waits on its workers. Any reservation would make a job that asks for every CPU of
-# the cluster unschedulable (its workers' placement group waits on the driver's share forever).
-ENTRYPOINT_CPUS = 0
 EVENTS_URL_FILE = ".events-url"  # in the run directory, mode 0600: the workers' Redis event sink
 JOB_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
 MISSING_LIMIT = 3  # polls in a row Ray does not know a submitted job before it is given up
 ERROR_CHARS = 2000
 PROGRESS_EVERY_S = 30.0  # a running job's progress line in the log at most this often
-
-
-class RayJobs:
-    """The part of the Ray Jobs API the scheduler uses. A job Ray does not know is None, not an
-    error; an unreachable dashboard raises OSError; a refusal raises RuntimeError. The client
-    connects on first use, so a scheduler starts (and keeps its leases) while Ray comes up."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self._client = None
-
-    @property
-    def client(self):
-        if self._client is None:
-            from ray.job_submission import JobSubmissionClient
-
-            self._client = JobSubmissionClient(self.address)
-        return self._client
-
-    def submit(self, submission_id: str, entrypoint: str, *, metadata: dict[str, str],
-               env_vars: dict[str, str]) -> None:
-        # No working_dir: the cluster has the distillery package installed.
-        self.client.submit_job(entrypoint=entrypoint, submission_id=submission_id, metadata=metadata,
-                               runtime_env={"env_vars": env_vars}, entrypoint_num_cpus=ENTRYPOINT_CPUS)
-
-    def status(self, submission_id: str) -> tuple[str, str] | None:
-        """(status, message), e.g. ("FAILED", "Job entrypoint command failed ..."); None if unknown."""
-        try:
-            info = self.client.get_job_info(submission_id)
-        except RuntimeError as exc:
-            if _not_found(exc):
-                return None
-            raise
-        return str(getattr(info.status, "value", info.status)), info.message or ""
-
-    def stop(self, submission_id: str) -> bool:
-        """Ask Ray to stop the job (SIGTERM, then SIGKILL); False if it was not running."""
-        try:
-            return bool(self.client.stop_job(submission_id))
-        except RuntimeError as exc:
-            if _not_found(exc):
-                return False
-            raise
-
-    def logs(self, submission_id: str) -> str:
-        try:
-            return self.client.get_job_logs(submission_id)
-        except RuntimeError as exc:
-            if _not_found(exc):
-                return ""
-            raise
-
-
-def _not_found(exc: RuntimeError) -> bool:
-    return "status code 404" in str(exc)
 
 
 @dataclass
@@ -187,6 +137,7 @@ class Scheduler:
         self.runs_dir = Path(settings.runs_dir).resolve()
         self.leases = LeaseKeeper(self.store, self.id, settings.lease_s)
         self.held: dict[str, Held] = {}
+        self.waiting: list[QueueEntry] = []  # read from the queue, not admitted yet (oldest first)
         self.poll_s = poll_s
         self.python = python  # the interpreter the Ray job's entrypoint runs, found on the cluster's PATH
 
@@ -214,37 +165,112 @@ class Scheduler:
             self.leases.renew_due()
 
     def tick(self, stop: threading.Event | None = None) -> None:
-        """One pass; `stop` set means no new claims."""
+        """One pass; `stop` set means no new claims. Held jobs are stepped before claiming, so an
+        end recorded in this pass frees its resources for the next job in the same pass."""
         self.leases.renew_due()
         self._reclaim()
-        if stop is None or not stop.is_set():
-            self._claim()
         for job_id, attempt in self.leases.take_lost():
             held = self.held.get(job_id)
             if held is not None and held.attempt == attempt:
                 self._abandon(held, "its lease was lost")
         for held in list(self.held.values()):
-            try:
-                self._step(held)
-            except (StoreUnavailable, OSError, RuntimeError) as exc:
-                log.warning("job %s: %s; trying again next pass", held.job_id, exc)
-            except Exception:  # noqa: BLE001 - one job's surprise must not stall the others
-                log.exception("job %s: pass failed", held.job_id)
+            self._step_safely(held)
+        if stop is None or not stop.is_set():
+            for held in self._claim():
+                self._step_safely(held)
+
+    def _step_safely(self, held: Held) -> None:
+        try:
+            self._step(held)
+        except (StoreUnavailable, OSError, RuntimeError) as exc:
+            log.warning("job %s: %s; trying again next pass", held.job_id, exc)
+        except Exception:  # noqa: BLE001 - one job's surprise must not stall the others
+            log.exception("job %s: pass failed", held.job_id)
 
     def _reclaim(self) -> None:
-        for job_id in self.store.reclaim_expired():
-            job = self.store.get(job_id)
-            log.warning("job %s: lease of attempt %d lapsed; now %s", job_id, job.attempt, job.state)
-            if job.submission_id:  # whatever that attempt still runs can never be recorded
-                self._stop_quietly(job.submission_id)
+        for job_id in self.store.lapsed_ids():
+            try:
+                job = self.store.get(job_id)
+            except JobNotFound:
+                continue
+            if job.submission_id and job.state in ACTIVE:
+                got = self.ray.status(job.submission_id)  # an unreachable Ray: decided next pass
+                if got is not None:
+                    self._adopt(job, got[0])
+                    continue
+            if self.store.reclaim(job_id):
+                job = self.store.get(job_id)
+                log.warning("job %s: lease of attempt %d lapsed; now %s", job_id, job.attempt, job.state)
 
-    def _claim(self) -> None:
-        # Not blocking: a scheduler paused inside a blocking read would be handed entries it
-        # cannot claim until it resumes (R-21).
-        for job, attempt in self.store.claim_next(self.id, self.settings.lease_s, block_ms=None):
+    def _adopt(self, job: Job, ray_status: str) -> None:
+        if job.id in self.held or not self.store.adopt(job.id, attempt=job.attempt, submission_id=job.submission_id,
+                                                       owner=self.id, lease_s=self.settings.lease_s):
+            return
+        self.held[job.id] = Held(job.id, job.attempt, (self.runs_dir / job.id).resolve(),
+                                 submission_id=job.submission_id)
+        self.leases.hold(job.id, job.attempt)
+        log.warning("job %s: lease of attempt %d (owner %s) lapsed; adopted its Ray job %s (%s)", job.id,
+                    job.attempt, job.owner or "nobody", job.submission_id, ray_status)
+
+    def _claim(self) -> list[Held]:
+        """Claim queued jobs, oldest first, while the next one fits (admission). The first that
+        does not fit stays pending on this scheduler, its record saying why, and the ones after it
+        wait too. Reads never block: a scheduler paused inside a blocking read would be handed
+        entries it cannot claim until it resumes (R-21)."""
+        active = None
+        cluster = None
+        claimed: list[Held] = []
+        while True:
+            if not self.waiting:
+                self.waiting = self.store.read_queue(self.id, self.settings.lease_s, count=1)
+                if not self.waiting:
+                    return claimed
+            entry = self.waiting[0]
+            spec = self._queued_spec(entry)
+            if spec is not None:
+                if active is None:
+                    active, cluster = self._active_specs(), self.ray.cluster()
+                why = wait_reason(spec, active, cluster, self.settings.max_running_jobs)
+                if why is not None:
+                    self.store.keep(entry, self.id)
+                    if self.store.note_waiting(entry.job_id, why):
+                        log.info("job %s: waits: %s", entry.job_id, why)
+                    return claimed
+            self.waiting.pop(0)
+            got = self.store.claim_entry(entry, self.id, self.settings.lease_s)
+            if got is None:
+                continue
+            job, attempt = got
             self.held[job.id] = Held(job.id, attempt, (self.runs_dir / job.id).resolve())
             self.leases.hold(job.id, attempt)
+            claimed.append(self.held[job.id])
             log.info("job %s: claimed, attempt %d", job.id, attempt)
+            if active is not None and spec is not None:
+                active.append(spec)
+
+    def _queued_spec(self, entry: QueueEntry) -> JobSpec | None:
+        """The spec of the queued job an entry names; None when the claim settles the entry
+        without admission: a stale entry (refused by the claim) or an invalid spec (claimed, then
+        failed with its reason, R-24)."""
+        try:
+            job = self.store.get(entry.job_id)
+        except JobNotFound:
+            return None
+        if job.state != "queued" or job.attempt != entry.attempt:
+            return None
+        try:
+            return JobSpec.model_validate(job.spec)
+        except (ValidationError, ValueError):
+            return None
+
+    def _active_specs(self) -> list[JobSpec]:
+        specs = []
+        for job_id in self.store.active_ids():
+            try:
+                specs.append(JobSpec.model_validate(self.store.get(job_id).spec))
+            except (JobNotFound, ValidationError, ValueError):
+                continue
+        return specs
 
     # ------------------------------------------------------------------ one held job
     def _step(self, held: Held) -> None:
@@ -297,7 +323,11 @@ class Scheduler:
                 return
         held.submission_id = held.ray_id
         log.info("job %s: submitted as Ray job %s", held.job_id, held.ray_id)
-        self._mark_running(held)
+        got = self.ray.status(held.ray_id)
+        if got is not None and got[0] != "PENDING":
+            self._mark_running(held)
+        else:  # Ray has not started the driver yet: `starting` until it has (see _mirror)
+            self._mark_submitted(held)
 
     def _run_spec(self, job: Job, run_dir: Path) -> JobSpec:
         """The stored spec, validated, with the scheduler's run directory."""
@@ -327,6 +357,14 @@ class Scheduler:
             f"--events=redis-file:{run / EVENTS_URL_FILE}",
         ])
 
+    def _mark_submitted(self, held: Held) -> None:
+        """Record the submission; the job stays `starting` while Ray has it PENDING."""
+        try:
+            self.store.transition(held.job_id, allowed=("starting",), to="starting", attempt=held.attempt,
+                                  owner=self.id, submission_id=held.submission_id, quiet=True)
+        except TransitionRefused as exc:
+            self._refused(held, exc)
+
     def _mark_running(self, held: Held) -> None:
         try:
             self.store.transition(held.job_id, allowed=("starting",), to="running", attempt=held.attempt,
@@ -342,7 +380,7 @@ class Scheduler:
                 self._abandon(held, f"Ray does not know {held.submission_id}")
             return
         held.missing = 0
-        if job.state == "starting":  # the write after submission did not reach Redis
+        if job.state == "starting" and got[0] != "PENDING":  # Ray started the driver (or it already ended)
             self._mark_running(held)
         if got[0] not in LIVE:
             self._record_end(held, *got, cancelling=False)
@@ -427,11 +465,23 @@ class Scheduler:
             self._abandon(held, "a newer attempt or owner has it")
 
     def _abandon(self, held: Held, why: str) -> None:
-        """Let go of a job that is no longer ours: no writes, and its Ray job for this attempt stops."""
-        log.warning("job %s attempt %d: letting go, %s", held.job_id, held.attempt, why)
-        if held.submission_id:
+        """Let go of a job that is no longer ours: no writes, and its Ray job for this attempt stops
+        unless another scheduler adopted that submission."""
+        adopted = held.submission_id and self._adopted_elsewhere(held)
+        log.warning("job %s attempt %d: letting go, %s%s", held.job_id, held.attempt, why,
+                    f"; {adopted} carries on with its Ray job" if adopted else "")
+        if held.submission_id and not adopted:
             self._stop_quietly(held.submission_id)
         self._drop(held)
+
+    def _adopted_elsewhere(self, held: Held) -> str:
+        """The owner that adopted this attempt's submission, or ""."""
+        try:
+            job = self.store.get(held.job_id)
+        except (JobNotFound, StoreUnavailable):
+            return ""
+        same = (job.attempt, job.submission_id) == (held.attempt, held.submission_id)
+        return job.owner if same and job.state in ACTIVE and job.owner not in ("", self.id) else ""
 
     def _drop(self, held: Held) -> None:
         self.held.pop(held.job_id, None)

@@ -11,10 +11,13 @@
 | DISTILLERY_DATA_ROOTS | (none) | comma-separated directories data paths must resolve inside |
 | DISTILLERY_RUNS_DIR | runs | where each job's run directory (checkpoints, events) is created |
 | DISTILLERY_RAY_ADDRESS | http://127.0.0.1:8265 | Ray dashboard / Jobs API the scheduler submits to |
+| DISTILLERY_TEACHER_ENDPOINT | (none) | a teacher (host:port) the API's /readyz requires SERVING; `distillery up --teacher-model` sets it |
 | DISTILLERY_MAX_BODY_BYTES | 1000000 | largest request body the API reads |
 | DISTILLERY_LEASE_S | 30 | lease of a running job; a scheduler renews it every third of that |
 | DISTILLERY_SCHEDULER_ID | host-pid | this scheduler's name in leases |
 | DISTILLERY_EVENTS_MAX | 10000 | events kept per job (older ones are trimmed) |
+| DISTILLERY_MAX_RUNNING_JOBS | 0 | most jobs running at once (0 = as many as the cluster's resources hold) |
+| DISTILLERY_CLUSTER_AUTOSCALES | 0 | 1: a job larger than the cluster waits queued (for nodes) instead of a 422 |
 | DISTILLERY_API_URL | http://127.0.0.1:8000 | where the CLI finds the API |
 | DISTILLERY_API_KEY | (none) | the key the CLI sends |
 """
@@ -29,8 +32,9 @@ from typing import Mapping
 ENV_NAMES = (
     "REDIS_URL", "DISTILLERY_REDIS_PREFIX", "DISTILLERY_API_HOST", "DISTILLERY_API_PORT",
     "DISTILLERY_API_KEYS", "DISTILLERY_MODEL_ROOTS", "DISTILLERY_DATA_ROOTS", "DISTILLERY_RUNS_DIR",
-    "DISTILLERY_RAY_ADDRESS", "DISTILLERY_MAX_BODY_BYTES", "DISTILLERY_LEASE_S",
+    "DISTILLERY_RAY_ADDRESS", "DISTILLERY_TEACHER_ENDPOINT", "DISTILLERY_MAX_BODY_BYTES", "DISTILLERY_LEASE_S",
     "DISTILLERY_SCHEDULER_ID", "DISTILLERY_EVENTS_MAX", "DISTILLERY_API_URL", "DISTILLERY_API_KEY",
+    "DISTILLERY_MAX_RUNNING_JOBS", "DISTILLERY_CLUSTER_AUTOSCALES",
 )
 
 
@@ -49,12 +53,15 @@ class Settings:
     data_roots: tuple[str, ...] = ()
     runs_dir: str = "runs"
     ray_address: str = "http://127.0.0.1:8265"
+    teacher_endpoint: str | None = None
     max_body_bytes: int = 1_000_000
     lease_s: float = 30.0
     scheduler_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     events_max: int = 10_000
     api_url: str = "http://127.0.0.1:8000"
     api_key: str | None = None
+    max_running_jobs: int = 0
+    cluster_autoscales: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -70,12 +77,15 @@ class Settings:
             data_roots=_list(e.get("DISTILLERY_DATA_ROOTS")),
             runs_dir=e.get("DISTILLERY_RUNS_DIR", d.runs_dir),
             ray_address=e.get("DISTILLERY_RAY_ADDRESS", d.ray_address),
+            teacher_endpoint=e.get("DISTILLERY_TEACHER_ENDPOINT") or None,
             max_body_bytes=int(e.get("DISTILLERY_MAX_BODY_BYTES", d.max_body_bytes)),
             lease_s=float(e.get("DISTILLERY_LEASE_S", d.lease_s)),
             scheduler_id=e.get("DISTILLERY_SCHEDULER_ID") or d.scheduler_id,
             events_max=int(e.get("DISTILLERY_EVENTS_MAX", d.events_max)),
             api_url=e.get("DISTILLERY_API_URL", d.api_url),
             api_key=e.get("DISTILLERY_API_KEY") or None,
+            max_running_jobs=int(e.get("DISTILLERY_MAX_RUNNING_JOBS", d.max_running_jobs)),
+            cluster_autoscales=e.get("DISTILLERY_CLUSTER_AUTOSCALES", "0").strip().lower() in ("1", "true", "yes"),
         )
 
     @property

@@ -19,7 +19,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import redis
 
@@ -60,6 +60,8 @@ class Job:
     progress: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     checkpoint: str = ""
+    waiting: str = ""  # why a queued job is not running yet (admission), empty otherwise
+    resumes: int = 0  # times a user resumed it after it failed or was cancelled
 
     @classmethod
     def from_hash(cls, h: dict[bytes, bytes]) -> "Job":
@@ -79,7 +81,8 @@ class Job:
                    updated_at=float(g.get("updated_at", 0)), owner=g.get("owner", ""),
                    submission_id=g.get("submission_id", ""), error=g.get("error", ""),
                    reason=g.get("reason", ""), failures=int(g.get("failures", 0)),
-                   progress=obj("progress"), summary=obj("summary"), checkpoint=g.get("checkpoint", ""))
+                   progress=obj("progress"), summary=obj("summary"), checkpoint=g.get("checkpoint", ""),
+                   waiting=g.get("waiting", ""), resumes=int(g.get("resumes", 0)))
 
 
 # KEYS: job, index, queue, idem | ARGV: id, fields JSON, now, idem ttl
@@ -103,14 +106,16 @@ if state ~= 'queued' then return {0, state or 'missing'} end
 local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt'))
 if attempt ~= tonumber(ARGV[1]) then return {0, 'attempt'} end
 attempt = attempt + 1
-redis.call('HSET', KEYS[1], 'state', 'starting', 'attempt', attempt, 'owner', ARGV[2], 'updated_at', ARGV[4])
+redis.call('HSET', KEYS[1], 'state', 'starting', 'attempt', attempt, 'owner', ARGV[2], 'updated_at', ARGV[4],
+           'waiting', '')
 redis.call('SET', KEYS[2], ARGV[2] .. ':' .. attempt, 'PX', ARGV[3])
 redis.call('SADD', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
 return {1, attempt}
 """
 
 # KEYS: job, lease, active, events | ARGV: allowed states JSON, attempt ('' = any), new state,
-#   fields JSON, now, owner ('' = unchecked), max events
+#   fields JSON, now, owner ('' = unchecked), max events, quiet ('1': no state event, for a write
+#   that keeps the state)
 _TRANSITION = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {0, 'missing'} end
@@ -128,8 +133,10 @@ if ARGV[3] == 'succeeded' or ARGV[3] == 'failed' or ARGV[3] == 'cancelled' or AR
   redis.call('SREM', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
   redis.call('DEL', KEYS[2])
 end
-local ev = cjson.encode({kind='state', state=ARGV[3], previous=state, attempt=tonumber(attempt), time=tonumber(ARGV[5])})
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'event', ev)
+if ARGV[8] ~= '1' then
+  local ev = cjson.encode({kind='state', state=ARGV[3], previous=state, attempt=tonumber(attempt), time=tonumber(ARGV[5])})
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'event', ev)
+end
 return {1, state}
 """
 
@@ -167,6 +174,63 @@ return 1
 """
 
 
+# KEYS: job, lease, active, events | ARGV: attempt, submission id, owner, lease ms, now, max events
+# A running job whose lease lapsed while its Ray job lives on: the new owner takes the lease for
+# the same attempt (the workers' fence is unchanged) instead of stopping and requeueing it.
+_ADOPT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return {0, 'leased'} end
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {0, 'missing'} end
+if state ~= 'starting' and state ~= 'running' and state ~= 'cancelling' then return {0, 'state:' .. state} end
+local attempt = redis.call('HGET', KEYS[1], 'attempt')
+if tonumber(attempt) ~= tonumber(ARGV[1]) then return {0, 'attempt:' .. attempt} end
+if redis.call('HGET', KEYS[1], 'submission_id') ~= ARGV[2] then return {0, 'submission'} end
+local previous = redis.call('HGET', KEYS[1], 'owner') or ''
+redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'updated_at', ARGV[5])
+redis.call('SET', KEYS[2], ARGV[3] .. ':' .. attempt, 'PX', ARGV[4])
+redis.call('SADD', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
+local ev = cjson.encode({kind='adopted', state=state, owner=ARGV[3], previous_owner=previous,
+                        attempt=tonumber(attempt), submission_id=ARGV[2], time=tonumber(ARGV[5])})
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'event', ev)
+return {1, state}
+"""
+
+# KEYS: job, queue, events | ARGV: now, max events
+# A failed or cancelled job back to the queue with its run directory: the next attempt resumes
+# from the last checkpoint the earlier ones wrote.
+_RESUME = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {0, 'missing'} end
+if state ~= 'failed' and state ~= 'cancelled' then return {0, state} end
+local attempt = redis.call('HGET', KEYS[1], 'attempt')
+redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', '', 'error', '', 'reason', '', 'waiting', '',
+           'updated_at', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'resumes', 1)
+redis.call('XADD', KEYS[2], '*', 'id', redis.call('HGET', KEYS[1], 'id'), 'attempt', attempt)
+local ev = cjson.encode({kind='state', state='queued', previous=state, attempt=tonumber(attempt),
+                        reason='resumed', time=tonumber(ARGV[1])})
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'event', ev)
+return {1, state}
+"""
+
+# KEYS: job | ARGV: text, now
+_NOTE_WAITING = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+if redis.call('HGET', KEYS[1], 'waiting') == ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'waiting', ARGV[1])
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One queue entry read by a scheduler: the job and the attempt it was queued for."""
+
+    entry_id: bytes
+    job_id: str
+    attempt: int
+
+
 class JobStore:
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "distillery",
                  max_events: int = 10_000, client: redis.Redis | None = None) -> None:
@@ -178,6 +242,9 @@ class JobStore:
         self._transition = self.r.register_script(_TRANSITION)
         self._renew = self.r.register_script(_RENEW)
         self._reclaim = self.r.register_script(_RECLAIM)
+        self._adopt = self.r.register_script(_ADOPT)
+        self._resume = self.r.register_script(_RESUME)
+        self._note_waiting = self.r.register_script(_NOTE_WAITING)
 
     def _call(self, fn, *args, **kwargs):
         try:
@@ -261,45 +328,75 @@ class JobStore:
                 raise
 
     def claim_next(self, owner: str, lease_s: float, block_ms: int | None = 1000) -> list[tuple[Job, int]]:
-        """Read queue entries as `owner` and claim the jobs they name; (job, attempt) per claim.
+        """Read queue entries as `owner` and claim every job they name; (job, attempt) per claim."""
+        claimed = []
+        for entry in self.read_queue(owner, lease_s, block_ms=block_ms):
+            got = self.claim_entry(entry, owner, lease_s)
+            if got is not None:
+                claimed.append(got)
+        return claimed
 
-        Entries another reader took but never acknowledged (it died between read and ack) are
-        taken over once they have been pending longer than a lease. Entries that no longer match
-        their job (claimed, cancelled, stale) are acknowledged and dropped. Each entry is handled
-        on its own, so one bad entry cannot hold back the rest."""
+    def read_queue(self, owner: str, lease_s: float, *, count: int = 10,
+                   block_ms: int | None = None) -> list[QueueEntry]:
+        """Queue entries for `owner`, oldest first: first those another reader took but never
+        settled (it died between read and claim) once they have been idle longer than a lease,
+        then new ones. An entry stays pending on `owner` until `claim_entry` settles it; `keep`
+        tells the others it is still being looked at. Malformed entries are dropped here."""
         self.ensure_group()
         lease_ms = int(lease_s * 1000)
-        _, stale, *_ = self._call(self.r.xautoclaim, self.k.queue, GROUP, owner, lease_ms, "0-0", count=10)
-        got = self._call(self.r.xreadgroup, GROUP, owner, {self.k.queue: ">"}, count=10, block=block_ms)
-        entries = list(stale or []) + [e for _, es in (got or []) for e in es]
-        claimed = []
-        for entry_id, fields in entries:
+        _, stale, *_ = self._call(self.r.xautoclaim, self.k.queue, GROUP, owner, lease_ms, "0-0", count=count)
+        got = []
+        if len(stale or []) < count:
+            got = self._call(self.r.xreadgroup, GROUP, owner, {self.k.queue: ">"}, count=count - len(stale or []),
+                             block=block_ms)
+        out = []
+        for entry_id, fields in list(stale or []) + [e for _, es in (got or []) for e in es]:
             try:
-                job_id, attempt = fields[b"id"].decode(), int(fields[b"attempt"])
-                ok, value = self._call(self._claim, keys=[self.k.job(job_id), self.k.lease(job_id),
-                                                          self.k.active],
-                                       args=[attempt, owner, lease_ms, time.time()])
-            except (KeyError, TypeError, ValueError, UnicodeDecodeError, redis.ResponseError):
-                ok = 0  # a malformed entry: dropped below
-            self._call(self.r.xack, self.k.queue, GROUP, entry_id)
-            self._call(self.r.xdel, self.k.queue, entry_id)
-            if ok:
-                claimed.append((self.get(job_id), int(value)))
-        return claimed
+                out.append(QueueEntry(entry_id, fields[b"id"].decode(), int(fields[b"attempt"])))
+            except (KeyError, TypeError, ValueError, UnicodeDecodeError):
+                self._drop_entry(entry_id)
+        return out
+
+    def claim_entry(self, entry: QueueEntry, owner: str, lease_s: float) -> tuple[Job, int] | None:
+        """Claim the job an entry names and settle the entry: (job, new attempt), or None when the
+        entry no longer matches its job (claimed, cancelled, stale)."""
+        try:
+            ok, value = self._call(self._claim, keys=[self.k.job(entry.job_id), self.k.lease(entry.job_id),
+                                                      self.k.active],
+                                   args=[entry.attempt, owner, int(lease_s * 1000), time.time()])
+        except redis.ResponseError:
+            ok = 0
+        self._drop_entry(entry.entry_id)
+        return (self.get(entry.job_id), int(value)) if ok else None
+
+    def keep(self, entry: QueueEntry, owner: str) -> None:
+        """Mark a pending entry as still looked at by `owner` (resets its idle time), so no other
+        scheduler takes it over while it waits for room."""
+        self._call(self.r.xclaim, self.k.queue, GROUP, owner, 0, [entry.entry_id], justid=True)
+
+    def note_waiting(self, job_id: str, text: str) -> bool:
+        """Say why a queued job waits (shown in its record); True when the text changed."""
+        return bool(self._call(self._note_waiting, keys=[self.k.job(job_id)], args=[text[:500], time.time()]))
+
+    def _drop_entry(self, entry_id: bytes) -> None:
+        self._call(self.r.xack, self.k.queue, GROUP, entry_id)
+        self._call(self.r.xdel, self.k.queue, entry_id)
 
     def renew_lease(self, job_id: str, owner: str, attempt: int, lease_s: float) -> bool:
         return bool(self._call(self._renew, keys=[self.k.lease(job_id)],
                                args=[f"{owner}:{attempt}", int(lease_s * 1000)]))
 
     def transition(self, job_id: str, *, allowed: tuple[str, ...], to: str, attempt: int | None = None,
-                   owner: str | None = None, **fields: Any) -> str:
+                   owner: str | None = None, quiet: bool = False, **fields: Any) -> str:
         """Move `job_id` to `to` if its state is in `allowed` (and attempt / owner match when
-        given); returns the previous state or raises TransitionRefused."""
+        given); returns the previous state or raises TransitionRefused. `quiet` writes no state
+        event (for a write that keeps the state)."""
         encoded = {k: (json.dumps(v) if isinstance(v, (dict, list)) else v) for k, v in fields.items()}
         ok, value = self._call(self._transition,
                                keys=[self.k.job(job_id), self.k.lease(job_id), self.k.active, self.k.events(job_id)],
                                args=[json.dumps(list(allowed)), "" if attempt is None else attempt, to,
-                                     json.dumps(encoded), time.time(), owner or "", self.max_events])
+                                     json.dumps(encoded), time.time(), owner or "", self.max_events,
+                                     "1" if quiet else ""])
         if not ok:
             if value == b"missing":
                 raise JobNotFound(job_id)
@@ -327,15 +424,44 @@ class JobStore:
     def active_ids(self) -> list[str]:
         return [i.decode() for i in self._call(self.r.smembers, self.k.active)]
 
+    def lapsed_ids(self) -> list[str]:
+        """Active jobs whose lease has lapsed: their owner is gone (or paused past its lease)."""
+        ids = self.active_ids()
+        if not ids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.exists(self.k.lease(job_id))
+        return [job_id for job_id, leased in zip(ids, self._call(pipe.execute)) if not leased]
+
+    def reclaim(self, job_id: str) -> bool:
+        """Requeue (or finish cancelling) `job_id` if its lease has lapsed; True if it did."""
+        return bool(self._call(self._reclaim, keys=[self.k.job(job_id), self.k.lease(job_id), self.k.active,
+                                                    self.k.queue, self.k.events(job_id)],
+                               args=[time.time(), self.max_events]))
+
     def reclaim_expired(self) -> list[str]:
         """Requeue (or finish cancelling) every active job whose lease has lapsed."""
-        done = []
-        for job_id in self.active_ids():
-            if self._call(self._reclaim, keys=[self.k.job(job_id), self.k.lease(job_id), self.k.active,
-                                              self.k.queue, self.k.events(job_id)],
-                          args=[time.time(), self.max_events]):
-                done.append(job_id)
-        return done
+        return [job_id for job_id in self.active_ids() if self.reclaim(job_id)]
+
+    def adopt(self, job_id: str, *, attempt: int, submission_id: str, owner: str, lease_s: float) -> bool:
+        """Take over the lease of a job whose lease lapsed while its Ray job `submission_id` (of
+        `attempt`) lives on; False when someone else got there first or the record moved on."""
+        ok, _ = self._call(self._adopt, keys=[self.k.job(job_id), self.k.lease(job_id), self.k.active,
+                                              self.k.events(job_id)],
+                           args=[attempt, submission_id, owner, int(lease_s * 1000), time.time(), self.max_events])
+        return bool(ok)
+
+    def resume(self, job_id: str) -> str:
+        """A failed or cancelled job back to the queue; returns the state it left. Raises
+        JobNotFound, or TransitionRefused when the job is in any other state."""
+        ok, value = self._call(self._resume, keys=[self.k.job(job_id), self.k.queue, self.k.events(job_id)],
+                               args=[time.time(), self.max_events])
+        if not ok:
+            if value == b"missing":
+                raise JobNotFound(job_id)
+            raise TransitionRefused(f"job {job_id} is {value.decode()}: only a failed or cancelled job resumes")
+        return value.decode()
 
     # ------------------------------------------------------------------ events
     def events(self, job_id: str, after: str = "0", block_ms: int | None = None,
@@ -350,12 +476,3 @@ class JobStore:
                 except (KeyError, ValueError):
                     continue
         return out
-
-    def iter_events(self, job_id: str, after: str = "0", block_ms: int = 1000) -> Iterator[tuple[str, dict]]:
-        while True:
-            batch = self.events(job_id, after, block_ms)
-            for entry_id, ev in batch:
-                after = entry_id
-                yield entry_id, ev
-            if not batch:
-                yield "", {}

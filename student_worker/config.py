@@ -162,6 +162,9 @@ class ResourcesSpec(_Strict):
     workers: int = Field(1, ge=1, le=1024, description="Student workers (Ray Train data-parallel ranks).")
     cpus_per_worker: float = Field(1.0, gt=0, le=256, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(0.0, ge=0, le=16, description="GPUs per worker (0 = CPU with gloo).")
+    memory_gb_per_worker: float = Field(0.0, ge=0, le=16384, description="Memory reserved per worker, GiB "
+                                        "(0 = not declared). Ray places workers by it and the scheduler "
+                                        "admits the job only when the cluster has it free.")
     max_failures: int = Field(3, ge=-1, le=1000, description="Worker-group restarts from the latest "
                                                             "checkpoint before the job fails (-1 = no limit).")
     storage_path: str | None = Field(None, description="Ray Train storage: a directory or a URI; "

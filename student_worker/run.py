@@ -154,8 +154,7 @@ def run(spec: JobSpec, job_id: str, events: list[str], attempt: int = 0) -> dict
                                "teacher_endpoints": replicas.endpoints if replicas else []},
             torch_config=TorchConfig(backend="nccl" if gpus > 0 else "gloo"),
             scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=gpus > 0,
-                                         resources_per_worker={"CPU": res.cpus_per_worker,
-                                                               **({"GPU": gpus} if gpus else {})}),
+                                         resources_per_worker=worker_resources(res)),
             run_config=RunConfig(name=job_id, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=res.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last)),
@@ -169,6 +168,16 @@ def run(spec: JobSpec, job_id: str, events: list[str], attempt: int = 0) -> dict
     summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def worker_resources(res) -> dict[str, float]:
+    """What Ray reserves for one worker: CPUs, GPUs, and memory (bytes) when the spec declares it."""
+    out = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        out["GPU"] = res.gpus_per_worker
+    if res.memory_gb_per_worker:
+        out["memory"] = res.memory_gb_per_worker * 2**30
+    return out
 
 
 def _count_starts(events: list[str]) -> int:

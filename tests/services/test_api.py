@@ -5,6 +5,7 @@ R-34 (trust_remote_code)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import builtins
 import hmac
 import json
@@ -35,7 +36,7 @@ from student_worker.events import RedisSink
 KEYS = ("first-key-0123456789abcdef", "second-key-fedcba9876543210")
 AUTH = {"Authorization": f"Bearer {KEYS[1]}"}
 V1_ROUTES = [("POST", "/v1/jobs"), ("GET", "/v1/jobs"), ("GET", "/v1/jobs/{id}"),
-             ("GET", "/v1/jobs/{id}/events"), ("POST", "/v1/jobs/{id}/cancel")]
+             ("GET", "/v1/jobs/{id}/events"), ("POST", "/v1/jobs/{id}/cancel"), ("POST", "/v1/jobs/{id}/resume")]
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -55,8 +56,10 @@ def roots(tmp_path: Path) -> SimpleNamespace:
 
 
 def make_settings(redis_url: str, prefix: str, roots: SimpleNamespace, **kw: Any) -> Settings:
+    # No Ray answers at that address: jobs are accepted without the fit check unless a test says.
     base = dict(redis_url=redis_url, redis_prefix=prefix, api_keys=KEYS, model_roots=(str(roots.models),),
-                data_roots=(str(roots.data),), runs_dir=str(roots.runs), max_body_bytes=256_000)
+                data_roots=(str(roots.data),), runs_dir=str(roots.runs), max_body_bytes=256_000,
+                ray_address="http://127.0.0.1:1")
     return Settings(**{**base, **kw})
 
 
@@ -158,6 +161,39 @@ def test_submit_get_list_cancel(client, roots, store):
     store.transition(ids[2], allowed=("queued",), to="succeeded")
     r = client.post(f"/v1/jobs/{ids[2]}/cancel")
     assert r.status_code == 409 and r.json()["error"] == "conflict"
+
+
+def test_resume_queues_a_failed_or_cancelled_job_again(client, store):
+    ids = [client.post("/v1/jobs", json=spec(name=f"r{i}")).json()["id"] for i in range(3)]
+    store.transition(ids[0], allowed=("queued",), to="failed", reason="teacher_unavailable", error="gone")
+    client.post(f"/v1/jobs/{ids[1]}/cancel")
+    for job_id, was in ((ids[0], "failed"), (ids[1], "cancelled")):
+        r = client.post(f"/v1/jobs/{job_id}/resume")
+        assert r.status_code == 200, r.text
+        job = r.json()
+        assert (job["state"], job["reason"], job["error"], job["resumes"]) == ("queued", "", "", 1)
+        events = [e for _, e in store.events(job_id)]
+        assert (events[-1]["state"], events[-1]["previous"], events[-1]["reason"]) == ("queued", was, "resumed")
+    r = client.post(f"/v1/jobs/{ids[2]}/resume")  # still queued
+    assert r.status_code == 409 and "only a failed or cancelled job resumes" in r.json()["detail"]
+    assert client.post("/v1/jobs/nope-123/resume").status_code == 404
+
+
+def test_a_job_larger_than_the_cluster_is_refused_with_the_numbers(settings, store):
+    from services.rayapi import cluster_of
+
+    two_cpus = lambda: cluster_of([{"CPU": 2.0, "memory": 4.0 * 2**30}])  # noqa: E731
+    with TestClient(create_app(settings, store, ray_ping=lambda: True, ray_cluster=two_cpus), headers=AUTH) as c:
+        r = c.post("/v1/jobs", json=spec(resources={"workers": 4}))
+        assert r.status_code == 422 and r.json()["error"] == "does_not_fit"
+        assert r.json()["detail"].startswith("the job needs 4 CPU (4 workers x 1 CPU); the cluster has 2 CPU in all")
+        r = c.post("/v1/jobs", json=spec(resources={"workers": 1, "memory_gb_per_worker": 8}))
+        assert r.status_code == 422 and "needs 8 GiB memory" in r.json()["detail"]
+        assert c.post("/v1/jobs", json=spec(resources={"workers": 2})).status_code == 201
+    grows = dataclasses.replace(settings, cluster_autoscales=True)
+    with TestClient(create_app(grows, store, ray_ping=lambda: True, ray_cluster=two_cpus), headers=AUTH) as c:
+        assert c.post("/v1/jobs", json=spec(resources={"workers": 4})).status_code == 201  # waits for nodes
+    assert len(store.list()) == 2
 
 
 def test_idempotency_key(client):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from services.rayapi import cluster_of
 from services.scheduler import LIVE, Scheduler, events_url, submission_id
 from services.settings import Settings
 from services.store import TERMINAL, JobStore, TransitionRefused
@@ -23,17 +24,24 @@ FAST_SPEC = {"name": "fast", "student": {"model": "/models/student"}, "teacher":
 
 
 class FakeRay:
-    """Ray Jobs as the scheduler sees them. Statuses are set by the test; a stop takes effect at
-    `settle()`, as Ray's does a moment later. `before_status` runs once, at the next status call."""
+    """Ray Jobs as the scheduler sees them. Statuses are set by the test; a submitted job is
+    `start` (RUNNING: Ray started its driver at once); a stop takes effect at `settle()`, as Ray's
+    does a moment later. `before_status` runs once, at the next status call. `nodes` are the
+    cluster's nodes (their resources); None: the dashboard does not answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, nodes: list[dict] | None = None, start: str = "RUNNING") -> None:
+        self.start = start
         self.jobs: dict[str, dict] = {}
         self.stops: list[str] = []
         self.before_status = None
+        self.nodes = nodes if nodes is not None else [{"CPU": 64.0, "memory": 256.0 * 2**30}]
+
+    def cluster(self):
+        return None if self.nodes is None else cluster_of(self.nodes)
 
     def submit(self, sid: str, entrypoint: str, *, metadata: dict, env_vars: dict) -> None:
         assert sid not in self.jobs, f"{sid} submitted twice"
-        self.jobs[sid] = {"status": "PENDING", "message": "", "logs": "", "entrypoint": entrypoint,
+        self.jobs[sid] = {"status": self.start, "message": "", "logs": "", "entrypoint": entrypoint,
                           "metadata": metadata, "env": env_vars, "stopping": False}
 
     def status(self, sid: str):
@@ -64,9 +72,9 @@ class FakeRay:
 
 
 def settings(redis_url: str, prefix: str, runs: Path, name: str = "sched-a", lease_s: float = 30.0,
-             ray_address: str = "http://127.0.0.1:1") -> Settings:
+             ray_address: str = "http://127.0.0.1:1", max_running_jobs: int = 0) -> Settings:
     return Settings(redis_url=redis_url, redis_prefix=prefix, runs_dir=str(runs), lease_s=lease_s,
-                    scheduler_id=name, ray_address=ray_address)
+                    scheduler_id=name, ray_address=ray_address, max_running_jobs=max_running_jobs)
 
 
 def state_events(store: JobStore, job_id: str) -> list[dict]:
@@ -90,9 +98,10 @@ def store(redis_url, redis_prefix) -> JobStore:
 @pytest.fixture
 def make(redis_url, redis_prefix, tmp_path):
     """make(ray, name=..., lease_s=...) -> a Scheduler on this test's prefix and runs directory."""
-    def build(ray, name: str = "sched-a", lease_s: float = 30.0, ray_address: str = "http://127.0.0.1:1"):
-        return Scheduler(settings(redis_url, redis_prefix, tmp_path / "runs", name, lease_s, ray_address),
-                         ray=ray, poll_s=0.1)
+    def build(ray, name: str = "sched-a", lease_s: float = 30.0, ray_address: str = "http://127.0.0.1:1",
+              max_running_jobs: int = 0):
+        return Scheduler(settings(redis_url, redis_prefix, tmp_path / "runs", name, lease_s, ray_address,
+                                  max_running_jobs), ray=ray, poll_s=0.1)
 
     return build
 
@@ -100,7 +109,7 @@ def make(redis_url, redis_prefix, tmp_path):
 # ====================================================================== fast: a fake Ray
 def test_a_claimed_job_runs_as_a_ray_job_and_its_success_is_recorded(store, make, tmp_path, redis_url,
                                                                       redis_prefix):
-    ray = FakeRay()
+    ray = FakeRay(start="PENDING")
     sched = make(ray)
     job_id, _ = store.create(FAST_SPEC, name="fast")
     sched.tick()
@@ -124,10 +133,13 @@ def test_a_claimed_job_runs_as_a_ray_job_and_its_success_is_recorded(store, make
 
     written = JobSpec.from_file(run_dir / "spec.json")
     assert written.checkpoint.dir == str(run_dir) and written.student.model == "/models/student"
-    job = store.get(job_id)
-    assert (job.state, job.attempt, job.owner, job.submission_id) == ("running", 1, "sched-a", sid)
+    job = store.get(job_id)  # submitted, and Ray has not started its driver yet: still starting
+    assert (job.state, job.attempt, job.owner, job.submission_id) == ("starting", 1, "sched-a", sid)
     assert store.r.pttl(store.k.lease(job_id)) > 0
 
+    ray.set(sid, "RUNNING")
+    sched.tick()
+    assert store.get(job_id).state == "running"
     sched.tick()  # still running: nothing changes
     assert store.get(job_id).state == "running"
     (run_dir / "summary.json").write_text('{"stage": "done", "eval": {"student": {"n": 4}}}')
@@ -224,28 +236,84 @@ def test_a_cancel_that_lands_during_submission_still_stops_the_ray_job(store, ma
     assert ray.stops == [sid] and store.get(job_id).state == "cancelled"
 
 
-def test_an_unreachable_ray_keeps_the_job_claimed_not_failed(store, redis_url, redis_prefix, tmp_path):
-    from services.scheduler import RayJobs
-
-    sched = Scheduler(settings(redis_url, redis_prefix, tmp_path / "runs"), ray=RayJobs("http://127.0.0.1:1"))
+def test_an_unreachable_ray_keeps_the_job_queued_with_a_reason_not_failed(store, make):
+    """With Ray's dashboard down nothing is known to fit: the job waits queued, saying why, and
+    its queue entry stays with this scheduler until Ray answers."""
+    ray = FakeRay()
+    ray.nodes = None
+    sched = make(ray)
     job_id, _ = store.create(FAST_SPEC, name="fast")
     sched.tick()
     sched.tick()
     job = store.get(job_id)
-    assert (job.state, job.owner, job.error) == ("starting", "sched-a", "") and job_id in sched.held
-    assert store.r.pttl(store.k.lease(job_id)) > 0
+    assert (job.state, job.owner, job.error) == ("queued", "", "") and "did not answer" in job.waiting
+    assert sched.held == {} and ray.jobs == {}
+    ray.nodes = [{"CPU": 2.0}]
+    sched.tick()
+    job = store.get(job_id)
+    assert (job.state, job.owner, job.waiting) == ("running", "sched-a", "")
 
 
-def test_a_reclaimed_job_waits_for_the_earlier_attempt_and_the_stale_owner_lets_go(store, make):
-    """R-20 in small: A's lease lapses; B requeues and claims the job with attempt 2, stops A's Ray
-    job and submits attempt 2 only once it ended; A then finds its lease gone and writes nothing."""
+def test_a_lapsed_lease_over_a_live_ray_job_is_adopted_not_restarted(store, make, caplog):
+    """R-20 in small: A's lease lapses while its Ray job runs; B adopts that very submission (same
+    attempt, no stop, no second driver) and records its end; A, back, lets go and stops nothing."""
+    ray = FakeRay()
+    a, b = make(ray, "sched-a", lease_s=0.6), make(ray, "sched-b")
+    job_id, _ = store.create(FAST_SPEC, name="fast")
+    a.tick()
+    a1 = submission_id(job_id, 1)
+    assert store.get(job_id).state == "running"
+    time.sleep(0.7)  # A does not tick: its lease lapses
+
+    b.tick()
+    job = store.get(job_id)
+    assert (job.state, job.attempt, job.owner, job.submission_id) == ("running", 1, "sched-b", a1)
+    assert ray.stops == [] and list(ray.jobs) == [a1] and job_id in b.held
+    adopted = [e for _, e in store.events(job_id) if e.get("kind") == "adopted"]
+    assert [(e["owner"], e["previous_owner"], e["attempt"]) for e in adopted] == [("sched-b", "sched-a", 1)]
+
+    events_before = state_events(store, job_id)
+    a.tick()  # A finds its lease renewed by B, not by itself
+    assert a.held == {} and ray.stops == [] and "sched-b carries on" in caplog.text
+    assert state_events(store, job_id) == events_before
+    ray.set(a1, "SUCCEEDED")
+    b.tick()
+    job = store.get(job_id)
+    assert (job.state, job.attempt, job.owner) == ("succeeded", 1, "sched-b")
+    assert [(e["state"], e["attempt"]) for e in state_events(store, job_id)] == [("running", 1), ("succeeded", 1)]
+
+
+def test_a_lapsed_lease_over_a_ray_job_ray_lost_is_requeued_as_a_new_attempt(store, make):
+    """A restarted Ray head forgets its jobs: B requeues the job and runs attempt 2 (which resumes
+    from the run directory's checkpoints); A, back, lets go and writes nothing."""
     ray = FakeRay()
     a, b = make(ray, "sched-a", lease_s=0.6), make(ray, "sched-b")
     job_id, _ = store.create(FAST_SPEC, name="fast")
     a.tick()
     a1, a2 = submission_id(job_id, 1), submission_id(job_id, 2)
-    ray.set(a1, "RUNNING")
-    time.sleep(0.7)  # A does not tick: its lease lapses
+    del ray.jobs[a1]
+    time.sleep(0.7)
+
+    b.tick()
+    job = store.get(job_id)
+    assert (job.state, job.attempt, job.owner, job.submission_id) == ("running", 2, "sched-b", a2)
+    events_before = state_events(store, job_id)
+    a.tick()
+    assert a.held == {} and state_events(store, job_id) == events_before
+    states = [(e["state"], e["attempt"], e.get("reason")) for e in events_before]
+    assert states == [("running", 1, None), ("queued", 1, "lease_lapsed"), ("running", 2, None)]
+
+
+def test_a_requeued_job_waits_for_an_earlier_attempt_still_alive(store, make):
+    """A scheduler that died between submitting and recording the submission leaves a record Ray
+    cannot be asked about: the job is requeued, and attempt 2 starts only once attempt 1 stopped."""
+    ray = FakeRay()
+    a, b = make(ray, "sched-a", lease_s=0.6), make(ray, "sched-b")
+    job_id, _ = store.create(FAST_SPEC, name="fast")
+    a.tick()
+    a1, a2 = submission_id(job_id, 1), submission_id(job_id, 2)
+    store.r.hset(store.k.job(job_id), "submission_id", "")  # the write that did not reach Redis
+    time.sleep(0.7)
 
     b.tick()
     job = store.get(job_id)
@@ -255,19 +323,10 @@ def test_a_reclaimed_job_waits_for_the_earlier_attempt_and_the_stale_owner_lets_
     b.tick()
     assert a2 in ray.jobs and store.get(job_id).state == "running"
 
-    events_before, stops_before = state_events(store, job_id), ray.stops.count(a1)
-    a.tick()
-    assert a.held == {} and ray.stops.count(a1) == stops_before + 1  # A stopped its own attempt too
-    assert state_events(store, job_id) == events_before  # and wrote nothing
-    job = store.get(job_id)
-    assert (job.state, job.attempt, job.owner) == ("running", 2, "sched-b")
-    states = [(e["state"], e["attempt"], e.get("reason")) for e in events_before]
-    assert states == [("running", 1, None), ("queued", 1, "lease_lapsed"), ("running", 2, None)]
-
 
 def test_r21_a_stale_schedulers_write_is_refused_by_the_fence(store, make, caplog):
-    """A reads its job, pauses, and by the time it writes the result B owns attempt 2: A's write is
-    refused, A stops its Ray job and lets go; the record stays B's."""
+    """A reads its job's end, pauses, and meanwhile B adopts the job and records that end: A's
+    write is refused by the owner fence, A lets go, and the record stays B's."""
     ray = FakeRay()
     a, b = make(ray, "sched-a"), make(ray, "sched-b")
     job_id, _ = store.create(FAST_SPEC, name="fast")
@@ -282,11 +341,124 @@ def test_r21_a_stale_schedulers_write_is_refused_by_the_fence(store, make, caplo
     ray.before_status = takeover
     a.tick()
 
-    assert "write refused" in caplog.text and "attempt:2" in caplog.text
-    assert a.held == {} and a1 in ray.stops
+    assert "write refused" in caplog.text and "state:succeeded" in caplog.text
+    assert a.held == {} and b.held == {}
     job = store.get(job_id)
-    assert (job.state, job.attempt, job.owner) == ("running", 2, "sched-b")
-    assert not any(e["state"] in TERMINAL for e in state_events(store, job_id))
+    assert (job.state, job.attempt, job.owner) == ("succeeded", 1, "sched-b")
+    assert [e["state"] for e in state_events(store, job_id)] == ["running", "succeeded"]
+
+
+def sized(workers: int, cpus: float = 1.0, **resources) -> dict:
+    return {**FAST_SPEC, "resources": {"workers": workers, "cpus_per_worker": cpus, **resources}}
+
+
+def test_admission_caps_running_jobs_and_starts_the_rest_in_order(store, make):
+    ray = FakeRay()
+    sched = make(ray, max_running_jobs=1)
+    ids = [store.create(FAST_SPEC, name=f"j{i}")[0] for i in range(3)]
+    for _ in range(2):
+        sched.tick()
+    assert [store.get(i).state for i in ids] == ["running", "queued", "queued"]
+    assert store.get(ids[1]).waiting == "1 job running, at most 1 at once"
+    for n, job_id in enumerate(ids):
+        ray.set(submission_id(job_id, 1), "SUCCEEDED")
+        sched.tick()  # records the end and admits the next in the same pass
+        assert [store.get(i).state for i in ids] == ["succeeded"] * (n + 1) + ["running"] * (n < 2) + \
+            ["queued"] * max(1 - n, 0)
+    assert store.get(ids[2]).waiting == ""
+
+
+def test_admission_waits_for_free_resources_first_in_first_out(store, make):
+    """2 CPUs: a 2-worker job takes both; a 1-CPU job waits with the numbers, and a smaller job
+    queued after it waits behind it (FIFO), then both start as the CPUs free up."""
+    ray = FakeRay(nodes=[{"CPU": 2.0, "memory": 8.0 * 2**30}])
+    sched = make(ray)
+    big, _ = store.create(sized(2), name="big")
+    one, _ = store.create(sized(1), name="one")
+    half, _ = store.create(sized(1, cpus=0.5), name="half")
+    sched.tick()
+    assert [store.get(i).state for i in (big, one, half)] == ["running", "queued", "queued"]
+    assert store.get(one).waiting == "needs 1 CPU (1 worker x 1 CPU); 0 CPU of 2 CPU free with 1 job running"
+    assert store.get(half).waiting == ""  # behind `one`, not looked at
+    ray.set(submission_id(big, 1), "SUCCEEDED")
+    sched.tick()
+    assert [store.get(i).state for i in (big, one, half)] == ["succeeded", "running", "running"]
+
+
+def test_admission_counts_memory_and_teacher_replicas_and_the_largest_node(store, make):
+    ray = FakeRay(nodes=[{"CPU": 4.0, "memory": 8.0 * 2**30}, {"CPU": 4.0, "memory": 8.0 * 2**30}])
+    sched = make(ray)
+    teacher = {"ray_actor": {"model": "/models/teacher", "replicas": 2, "num_cpus": 2}}
+    with_teacher, _ = store.create({**sized(4), "teacher": teacher}, name="teacher")  # 4 + 2 x 2 CPU = 8
+    memory, _ = store.create(sized(1, cpus=0.5, memory_gb_per_worker=2), name="mem")
+    sched.tick()
+    assert store.get(with_teacher).state == "running"
+    assert store.get(memory).waiting.startswith("needs 0.5 CPU (1 worker x 0.5 CPU + 2 GiB memory); 0 CPU")
+    ray.set(submission_id(with_teacher, 1), "SUCCEEDED")
+    sched.tick()
+    assert store.get(memory).state == "running"
+    wide, _ = store.create(sized(1, cpus=6), name="wide")  # 6 CPUs in all, but on no single node
+    sched.tick()
+    assert store.get(wide).waiting == ("one placement of the job needs 6 CPU on one node (1 worker x 6 CPU); "
+                                       "the largest node has 4 CPU; waiting for the cluster to grow")
+
+
+def test_a_job_larger_than_the_cluster_waits_for_it_to_grow(store, make):
+    """With an autoscaling cluster the API accepts it; it waits, saying so, until nodes join."""
+    ray = FakeRay(nodes=[{"CPU": 2.0}])
+    sched = make(ray)
+    job_id, _ = store.create(sized(4), name="four")
+    sched.tick()
+    assert store.get(job_id).waiting == ("the job needs 4 CPU (4 workers x 1 CPU); the cluster has 2 CPU in all "
+                                         "(1 node); waiting for the cluster to grow")
+    ray.nodes.append({"CPU": 2.0})
+    sched.tick()
+    assert store.get(job_id).state == "running"
+
+
+def test_a_waiting_entry_is_kept_from_other_schedulers_until_its_holder_dies(store, make):
+    """A's waiting entry is not taken over while A keeps looking at it; once A is gone for a lease,
+    B takes it over (and admits it when it fits)."""
+    ray = FakeRay(nodes=[{"CPU": 1.0}])
+    a, b = make(ray, "sched-a", lease_s=0.6), make(ray, "sched-b", lease_s=0.6)
+    first, _ = store.create(sized(1), name="first")
+    second, _ = store.create(sized(1), name="second")
+    a.tick()
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # A keeps the lease of `first` and its look at `second`
+        a.tick()
+        b.tick()
+        time.sleep(0.1)
+    assert [e.job_id for e in a.waiting] == [second] and b.waiting == []
+    ray.set(submission_id(first, 1), "SUCCEEDED")
+    time.sleep(0.7)  # A is gone: its lease of `first` and its entry of `second` lapse
+    drive([b], lambda: store.get(second).state == "running", 5)
+    assert store.get(second).owner == "sched-b" and store.get(first).state == "succeeded"
+
+
+def test_resume_requeues_a_failed_or_cancelled_job_for_a_new_attempt(store, make):
+    ray = FakeRay()
+    sched = make(ray)
+    job_id, _ = store.create(FAST_SPEC, name="fast")
+    sched.tick()
+    ray.set(submission_id(job_id, 1), "FAILED", logs=f"job {job_id} failed: TeacherUnavailable: gone\n")
+    sched.tick()
+    assert store.get(job_id).state == "failed"
+    assert store.resume(job_id) == "failed"
+    job = store.get(job_id)
+    assert (job.state, job.error, job.reason, job.resumes) == ("queued", "", "", 1)
+    sched.tick()
+    job = store.get(job_id)
+    assert (job.state, job.attempt, job.submission_id) == ("running", 2, submission_id(job_id, 2))
+    with pytest.raises(TransitionRefused, match="only a failed or cancelled job resumes"):
+        store.resume(job_id)
+    assert store.request_cancel(job_id) == "cancelling"
+    sched.tick()
+    ray.settle()
+    sched.tick()
+    assert store.get(job_id).state == "cancelled" and store.resume(job_id) == "cancelled"
+    assert [(e["state"], e.get("reason")) for e in state_events(store, job_id) if e["state"] == "queued"] == [
+        ("queued", "resumed"), ("queued", "resumed")]
 
 
 def test_r22_fifty_clients_race_to_claim_ten_jobs(redis_url, redis_prefix):
@@ -345,10 +517,9 @@ def test_leases_are_renewed_while_running_and_lapse_once_stopped(store, make):
         stop.set()
         runner.join(timeout=10)
     assert not runner.is_alive()
-    drive([b], lambda: store.get(job_id).attempt == 2, 5, every_s=0.05)
-    ray.settle()
-    drive([b], lambda: store.get(job_id).state == "running", 5, every_s=0.05)
-    assert store.get(job_id).owner == "sched-b" and submission_id(job_id, 2) in ray.jobs
+    drive([b], lambda: store.get(job_id).owner == "sched-b", 5, every_s=0.05)  # adopted once it lapsed
+    job = store.get(job_id)
+    assert (job.state, job.attempt) == ("running", 1) and list(ray.jobs) == [submission_id(job_id, 1)]
 
 
 def test_events_url_adds_the_prefix():
@@ -488,88 +659,77 @@ def test_r24_a_corrupt_payload_fails_and_the_scheduler_keeps_going(end_to_end):
 
 
 @pytest.mark.slow
-def test_cancel_stops_the_running_ray_job(ray_jobs_address, redis_url, redis_prefix, store, job_spec_doc,
-                                          tmp_path):
+def test_cancel_stops_the_running_ray_job_and_resume_carries_on_from_its_checkpoint(
+        ray_jobs_address, redis_url, redis_prefix, store, job_spec_doc, tmp_path):
     sched = Scheduler(settings(redis_url, redis_prefix, tmp_path / "runs", ray_address=ray_jobs_address))
     job_id, _ = store.create(job_spec_doc(**LONG), name="cancel")
     client = ray_client(ray_jobs_address)
     sid = submission_id(job_id, 1)
-    drive([sched], lambda: store.get(job_id).state == "running" and client.get_job_status(sid).value == "RUNNING",
-          60)
+    drive([sched], lambda: trained_past(store, job_id, 11), 120, every_s=0.3)
     assert store.request_cancel(job_id) == "cancelling"
     drive([sched], lambda: store.get(job_id).state == "cancelled", 60)
     assert client.get_job_status(sid).value == "STOPPED"
     assert [e["state"] for e in state_events(store, job_id)] == ["running", "cancelling", "cancelled"]
     assert sched.held == {} and not store.r.exists(store.k.lease(job_id))
+
+    assert store.resume(job_id) == "cancelled"
+    drive([sched], lambda: store.get(job_id).state in TERMINAL, 180, every_s=0.3)
+    job = store.get(job_id)
+    assert (job.state, job.attempt, job.resumes) == ("succeeded", 2, 1), job.error
+    assert [e["state"] for e in state_events(store, job_id)][3:] == ["queued", "running", "succeeded"]
+    assert_resumed(store, job_id)
     assert_ray_cpus_free()
 
 
 @pytest.mark.slow
-def test_r20_a_killed_scheduler_is_replaced_and_the_job_resumes(ray_jobs_address, redis_url, redis_prefix,
-                                                                 store, job_spec_doc, tmp_path, processes):
+def test_r20_r21_a_lapsed_scheduler_is_replaced_and_the_running_job_adopted(
+        ray_jobs_address, redis_url, redis_prefix, store, job_spec_doc, tmp_path, processes):
+    """R-21: scheduler A (a process) is paused past its lease; B adopts the running Ray job (same
+    attempt, no restart); A, resumed, finds its lease gone, writes nothing and stops nothing, and its
+    writes meet the fence. R-20: then B dies and C adopts in turn. The job ends as attempt 1 with
+    every step trained exactly once."""
     runs = tmp_path / "runs"
+    log_a = tmp_path / "a.log"
     job_id, _ = store.create(job_spec_doc(**LONG), name="r20")
-    processes.append(start_scheduler(redis_url, redis_prefix, ray_jobs_address, runs, "sched-a", 3.0,
-                                     tmp_path / "a.log"))
-    wait_for(lambda: trained_past(store, job_id, 11), 120, "attempt 1 past its first checkpoint")
-    os.kill(processes[0].pid, signal.SIGKILL)
-    processes[0].wait()
+    processes.append(start_scheduler(redis_url, redis_prefix, ray_jobs_address, runs, "sched-a", 3.0, log_a))
+    a = processes[0]
+    wait_for(lambda: trained_past(store, job_id, 5), 120, "attempt 1 training")
+    os.kill(a.pid, signal.SIGSTOP)
 
-    b = Scheduler(settings(redis_url, redis_prefix, runs, "sched-b", ray_address=ray_jobs_address))
-    drive([b], lambda: store.get(job_id).state in TERMINAL, 180, every_s=0.3)
+    b = Scheduler(settings(redis_url, redis_prefix, runs, "sched-b", lease_s=3.0, ray_address=ray_jobs_address))
+    drive([b], lambda: store.get(job_id).owner == "sched-b", 30, every_s=0.3)
+    os.kill(a.pid, signal.SIGCONT)
+    wait_for(lambda: "letting go" in log_a.read_text(), 30, "the zombie to notice")
+    assert "sched-b carries on with its Ray job" in log_a.read_text()
+    with pytest.raises(TransitionRefused):  # the fence A's writes meet
+        store.transition(job_id, allowed=("running",), to="failed", attempt=1, owner="sched-a")
+    a.send_signal(signal.SIGTERM)  # `distillery scheduler` exits cleanly on SIGTERM
+    assert a.wait(timeout=15) == 0 and "SIGTERM" in log_a.read_text()
+
+    # B dies: it never ticks again, and its lease lapses.
+    c = Scheduler(settings(redis_url, redis_prefix, runs, "sched-c", lease_s=3.0, ray_address=ray_jobs_address))
+    drive([c], lambda: store.get(job_id).state in TERMINAL, 180, every_s=0.3)
 
     job = store.get(job_id)
-    assert (job.state, job.attempt, job.owner) == ("succeeded", 2, "sched-b"), job.error
-    client = ray_client(ray_jobs_address)
-    assert client.get_job_status(submission_id(job_id, 1)).value in ("STOPPED", "SUCCEEDED")
-    assert client.get_job_status(submission_id(job_id, 2)).value == "SUCCEEDED"
-    states = [(e["state"], e["attempt"]) for e in state_events(store, job_id)]
-    assert states == [("running", 1), ("queued", 1), ("running", 2), ("succeeded", 2)]
-    assert_resumed(store, job_id)
+    assert (job.state, job.attempt, job.owner) == ("succeeded", 1, "sched-c"), job.error
+    events = [e for _, e in store.events(job_id, count=100_000)]
+    assert [(e["owner"], e["previous_owner"]) for e in events if e.get("kind") == "adopted"] == [
+        ("sched-b", "sched-a"), ("sched-c", "sched-b")]
+    assert [(e["state"], e["attempt"]) for e in state_events(store, job_id)] == [("running", 1), ("succeeded", 1)]
+    assert [e["step"] for e in worker_events(store, job_id, "metrics") if e["rank"] == 0 and
+            e.get("stage") == "distill"] == list(range(1, STEPS + 1))
+    assert len([e for e in worker_events(store, job_id, "worker_start") if e["rank"] == 0]) == 1
+    assert ray_client(ray_jobs_address).get_job_status(submission_id(job_id, 1)).value == "SUCCEEDED"
     assert not store.r.exists(store.k.lease(job_id)) and store.active_ids() == []
     assert_ray_cpus_free()
 
 
 def assert_resumed(store: JobStore, job_id: str) -> None:
-    """Attempt 2's worker started from a checkpoint and carried on after its step."""
+    """The last attempt's worker started from a checkpoint and carried on after its step."""
     events = [e for _, e in store.events(job_id, count=100_000)]
     second = max(i for i, e in enumerate(events) if e.get("kind") == "state" and e["state"] == "running")
     starts = [e for e in events[second:] if e.get("kind") == "worker_start" and e["rank"] == 0]
     assert len(starts) == 1 and starts[0]["restored"], starts
     stage, _, step = starts[0]["restored"].rpartition("-")
     steps = [e["step"] for e in events[second:] if e.get("kind") == "metrics" and e["rank"] == 0]
-    if stage == "distill":
-        assert steps == list(range(int(step) + 1, STEPS + 1))
-    else:  # attempt 1 had finished before it could be stopped
-        assert stage == "done" and steps == []
-
-
-@pytest.mark.slow
-def test_r21_a_paused_scheduler_resumes_as_a_zombie_and_its_writes_are_refused(
-        ray_jobs_address, redis_url, redis_prefix, store, job_spec_doc, tmp_path, processes):
-    runs = tmp_path / "runs"
-    log_a = tmp_path / "a.log"
-    job_id, _ = store.create(job_spec_doc(**LONG), name="r21")
-    processes.append(start_scheduler(redis_url, redis_prefix, ray_jobs_address, runs, "sched-a", 3.0, log_a))
-    a = processes[0]
-    wait_for(lambda: trained_past(store, job_id, 11), 120, "attempt 1 past its first checkpoint")
-    os.kill(a.pid, signal.SIGSTOP)
-
-    b = Scheduler(settings(redis_url, redis_prefix, runs, "sched-b", ray_address=ray_jobs_address))
-    drive([b], lambda: store.get(job_id).attempt == 2 and store.get(job_id).state == "running", 60, every_s=0.3)
-    os.kill(a.pid, signal.SIGCONT)
-    wait_for(lambda: "letting go" in log_a.read_text(), 30, "the zombie to notice")
-    with pytest.raises(TransitionRefused):  # the fence A's writes meet
-        store.transition(job_id, allowed=("running",), to="failed", attempt=1, owner="sched-a")
-    drive([b], lambda: store.get(job_id).state in TERMINAL, 180, every_s=0.3)
-
-    job = store.get(job_id)
-    assert (job.state, job.attempt, job.owner) == ("succeeded", 2, "sched-b"), job.error
-    states = [(e["state"], e["attempt"]) for e in state_events(store, job_id)]
-    assert states == [("running", 1), ("queued", 1), ("running", 2), ("succeeded", 2)]
-    assert_resumed(store, job_id)
-    a.send_signal(signal.SIGTERM)  # `distillery scheduler` exits cleanly on SIGTERM
-    assert a.wait(timeout=15) == 0
-    assert "SIGTERM" in log_a.read_text()
-    assert ray_client(ray_jobs_address).get_job_status(submission_id(job_id, 1)).value in ("STOPPED", "SUCCEEDED")
-    assert_ray_cpus_free()
+    assert stage == "distill" and steps == list(range(int(step) + 1, STEPS + 1))
