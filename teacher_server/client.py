@@ -3,9 +3,13 @@
     client = TeacherClient(["127.0.0.1:50051", "127.0.0.1:50052"], timeout_s=60)
     scored = client.score([ids], [len(prompt)], top_k=16)
 
-- Every call has a deadline (`timeout_s` for the whole call, retries included).
+- Every call has a deadline (`timeout_s` for the whole call, retries of a full queue included).
 - UNAVAILABLE (server down, restarting, loading or draining) is retried with exponential backoff
-  and jitter, moving to the next endpoint each time, until the deadline; then `TeacherUnavailable`.
+  and jitter, moving to the next endpoint each time, for `unavailable_timeout_s` from the call's
+  first failed attempt (default: `timeout_s`); then `TeacherUnavailable("teacher unavailable at
+  <endpoints> since <UTC time of that attempt> ...")` with the last status. A teacher back in time
+  answers the call, with a whole `timeout_s` again. `on_unavailable(message)` hears once per call
+  that it has begun to wait (workers turn it into a `teacher_wait` event).
 - Endpoints are used round-robin, one call each. A `dns:///name:port` target (a Kubernetes
   headless Service) gets gRPC's own round_robin policy over its addresses.
 """
@@ -14,9 +18,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import threading
 import time
+from datetime import datetime, timezone
 from typing import Callable, Sequence
 
 import grpc
@@ -39,6 +45,7 @@ from .contract import (
 from .pb import teacher_pb2 as pb
 from .pb import teacher_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
 
 
@@ -69,23 +76,30 @@ class TeacherClient:
         endpoints: str | Sequence[str],
         *,
         timeout_s: float = 120.0,
+        unavailable_timeout_s: float | None = None,
         backoff_s: float = 0.05,
         max_backoff_s: float = 2.0,
         retry_overloaded: bool = True,
         token: str | None = None,
         max_message_mb: int = 256,
+        on_unavailable: Callable[[str], None] | None = None,
     ) -> None:
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
             raise ValueError("TeacherClient needs at least one endpoint")
         self.timeout_s = timeout_s
+        self.unavailable_timeout_s = timeout_s if unavailable_timeout_s is None else unavailable_timeout_s
+        self.on_unavailable = on_unavailable
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.retry_overloaded = retry_overloaded
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         size = max_message_mb * 1024 * 1024
+        # gRPC's own reconnect backoff grows to 120 s while a server is down: a teacher back after
+        # a long outage would go unseen for minutes, so it is capped by ours.
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
-                   ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 0)]
+                   ("grpc.service_config", _SERVICE_CONFIG), ("grpc.enable_retries", 0),
+                   ("grpc.max_reconnect_backoff_ms", max(100, int(max_backoff_s * 1000)))]
         self._channels = [grpc.insecure_channel(e, options=options) for e in self.endpoints]
         self._stubs = [pb_grpc.TeacherStub(c) for c in self._channels]
         self._next = itertools.count()
@@ -124,30 +138,60 @@ class TeacherClient:
     def _call(self, method: Callable[[pb_grpc.TeacherStub], Callable], request):
         start = time.monotonic()
         deadline = start + self.timeout_s
-        attempt = 0
+        failed_at: tuple[float, datetime] | None = None  # the first failed attempt: monotonic, UTC
+        attempt, waiting = 0, False
         while True:
             with self._lock:
                 i = next(self._next) % len(self._stubs)
-            remaining = deadline - time.monotonic()
+            began = (time.monotonic(), datetime.now(timezone.utc))
             try:
-                reply = method(self._stubs[i])(request, timeout=max(remaining, 0.001),
+                reply = method(self._stubs[i])(request, timeout=max(deadline - began[0], 0.001),
                                                metadata=self._metadata)
                 self.last_latency_s = time.monotonic() - start
+                if waiting:
+                    log.info("teacher at %s answered again after %.1f s", self.endpoints[i],
+                             time.monotonic() - failed_at[0])
                 return reply
             except grpc.RpcError as err:
-                retryable = err.code() == grpc.StatusCode.UNAVAILABLE or (
-                    self.retry_overloaded and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                    and _overloaded(err))
-                delay = min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random())
-                if not retryable or time.monotonic() + delay >= deadline:
-                    if retryable or err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                        raise TeacherUnavailable(
-                            f"no teacher answered within {self.timeout_s:.1f}s after {attempt + 1} "
-                            f"attempt(s) (endpoints {', '.join(self.endpoints)}; last: "
-                            f"{err.code().name}: {err.details()})") from None
-                    _raise_for(err, self.endpoints[i])
-                time.sleep(delay)
+                code = err.code()
+                failed_at = failed_at or began
                 attempt += 1
+                delay = min(self.max_backoff_s, self.backoff_s * 2**(attempt - 1)) * (0.5 + random.random())
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    left = failed_at[0] + self.unavailable_timeout_s - time.monotonic()
+                    if left <= 0:
+                        raise TeacherUnavailable(self._unavailable(failed_at, attempt, err)) from None
+                    if not waiting:
+                        self._waiting(failed_at[1], err)
+                        waiting = True
+                    time.sleep(min(delay, left))
+                    deadline = time.monotonic() + self.timeout_s  # a teacher back gets the whole deadline
+                    continue
+                overloaded = self.retry_overloaded and code == grpc.StatusCode.RESOURCE_EXHAUSTED \
+                    and _overloaded(err)
+                if overloaded and time.monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    continue
+                if overloaded or code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TeacherUnavailable(self._unavailable(failed_at, attempt, err)) from None
+                _raise_for(err, self.endpoints[i])
+
+    def _unavailable(self, failed_at: tuple[float, datetime], attempts: int, err: grpc.RpcError) -> str:
+        waited = time.monotonic() - failed_at[0]
+        return (f"teacher unavailable at {', '.join(self.endpoints)} since {_utc(failed_at[1])}: no answer "
+                f"after {attempts} attempt(s) in {waited:.1f}s (last: {err.code().name}: {err.details()})")
+
+    def _waiting(self, since: datetime, err: grpc.RpcError) -> None:
+        message = (f"teacher unavailable at {', '.join(self.endpoints)} since {_utc(since)} "
+                   f"({err.code().name}: {err.details()}); retrying for up to "
+                   f"{self.unavailable_timeout_s:.0f}s")
+        log.warning("%s", message)
+        if self.on_unavailable is not None:
+            self.on_unavailable(message)
+
+
+def _utc(t: datetime) -> str:
+    return t.isoformat(timespec="milliseconds")
 
 
 def wait_until_serving(endpoint: str, timeout_s: float = 60.0, service: str = "") -> None:

@@ -509,7 +509,9 @@ def test_r13_grace_period_bounds_the_shutdown(server_factory, slow_model):
 def test_r14_kill_and_restart_client_with_shipped_retry_policy_sees_no_error(server_factory, tiny_llama):
     server = server_factory(tiny_llama)
     seq = list(range(20, 60))
-    client = TeacherClient(server.endpoint)  # default policy: 120 s deadline, backoff on UNAVAILABLE
+    notices: list[str] = []
+    # Default policy: 120 s deadline, backoff on UNAVAILABLE for as long; told once per waiting call.
+    client = TeacherClient(server.endpoint, on_unavailable=notices.append)
     reference = client.score([seq], [10], top_k=5)[0]
     done: list[tuple[float, object]] = []
     errors: list[BaseException] = []
@@ -539,7 +541,7 @@ def test_r14_kill_and_restart_client_with_shipped_retry_policy_sees_no_error(ser
                 short.score([seq], [10], top_k=5)
             assert time.monotonic() - start < 3.5
         msg = str(exc.value)
-        assert server.endpoint in msg and "UNAVAILABLE" in msg, msg
+        assert msg.startswith(f"teacher unavailable at {server.endpoint} since ") and "UNAVAILABLE" in msg, msg
         assert int(re.search(r"after (\d+) attempt", msg).group(1)) >= 2, msg  # it did retry
 
         restarted = server_factory(tiny_llama, port=server.port)
@@ -552,6 +554,7 @@ def test_r14_kill_and_restart_client_with_shipped_retry_policy_sees_no_error(ser
         client.close()
     assert not worker.is_alive()
     assert not errors, errors
+    assert len(notices) == 1 and notices[0].startswith(f"teacher unavailable at {server.endpoint}"), notices
     for _, got in done:  # same weights, same answers
         assert torch.equal(got.topk_ids, reference.topk_ids)
         torch.testing.assert_close(got.token_logprobs, reference.token_logprobs)
