@@ -436,6 +436,33 @@ def test_a_waiting_entry_is_kept_from_other_schedulers_until_its_holder_dies(sto
     assert store.get(second).owner == "sched-b" and store.get(first).state == "succeeded"
 
 
+def test_fifty_jobs_under_a_cap_of_two_all_finish_first_in_first_out(store, make):
+    """Load: 50 jobs on a 2-CPU cluster with at most 2 running; each runs for a few passes. Never
+    more than 2 are active, they start in the order they were submitted, and all 50 succeed."""
+    ray = FakeRay(nodes=[{"CPU": 2.0}])
+    sched = make(ray, max_running_jobs=2)
+    ids = [store.create(FAST_SPEC, name=f"load{i}")[0] for i in range(50)]
+    started: list[str] = []
+    passes: dict[str, int] = {}
+    peak = 0
+    for _ in range(200):
+        sched.tick()
+        active = store.active_ids()
+        peak = max(peak, len(active))
+        for sid, job in ray.jobs.items():
+            job_id = job["metadata"]["distillery_job_id"]
+            if job_id not in started:
+                started.append(job_id)
+            passes[sid] = passes.get(sid, 0) + 1
+            if passes[sid] == 3 and job["status"] == "RUNNING":
+                ray.set(sid, "SUCCEEDED")
+        if len(started) == 50 and not active:
+            break
+    assert peak == 2 and started == ids
+    assert {store.get(i).state for i in ids} == {"succeeded"} and store.active_ids() == []
+    assert all(store.get(i).attempt == 1 for i in ids)
+
+
 def test_resume_requeues_a_failed_or_cancelled_job_for_a_new_attempt(store, make):
     ray = FakeRay()
     sched = make(ray)
