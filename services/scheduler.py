@@ -58,6 +58,7 @@ LIVE = ("PENDING", "RUNNING")  # Ray job statuses that are not an end
 EVENTS_URL_FILE = ".events-url"  # in the run directory, mode 0600: the workers' Redis event sink
 JOB_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
 MISSING_LIMIT = 3  # polls in a row Ray does not know a submitted job before it is given up
+SUBMIT_TRIES = 60  # passes a submission Ray refuses for now (5xx) is retried before the job fails
 ERROR_CHARS = 2000
 PROGRESS_EVERY_S = 30.0  # a running job's progress line in the log at most this often
 
@@ -72,6 +73,7 @@ class Held:
     submission_id: str = ""  # set once Ray has the job
     stop_sent: bool = False
     missing: int = 0
+    submit_errors: int = 0
     logged_at: float = 0.0  # monotonic s of the last progress line
 
     @property
@@ -319,6 +321,11 @@ class Scheduler:
                 self.ray.submit(held.ray_id, self._entrypoint(held), env_vars=JOB_ENV,
                                 metadata={"distillery_job_id": held.job_id, "distillery_attempt": str(held.attempt)})
             except RuntimeError as exc:
+                held.submit_errors += 1
+                if _transient(exc) and held.submit_errors < SUBMIT_TRIES:  # e.g. Ray's job agent still starting
+                    log.warning("job %s: Ray refused the submission for now (%s); trying again next pass",
+                                held.job_id, exc)
+                    return
                 self._finish(held, "failed", reason="submit_failed", error=str(exc))
                 return
         held.submission_id = held.ray_id
@@ -503,6 +510,13 @@ def events_url(redis_url: str, prefix: str, max_events: int | None = None) -> st
     ours = {"prefix": prefix} | ({"max_events": str(max_events)} if max_events is not None else {})
     query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ours] + list(ours.items())
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _transient(exc: RuntimeError) -> bool:
+    """A refusal worth retrying: Ray answered 5xx ("No available agent to submit job, please try
+    again later" while its dashboard agent starts)."""
+    text = str(exc)
+    return "status code 5" in text or "try again later" in text
 
 
 def _describe(exc: Exception) -> str:

@@ -34,12 +34,15 @@ class FakeRay:
         self.jobs: dict[str, dict] = {}
         self.stops: list[str] = []
         self.before_status = None
+        self.refusals: list[str] = []  # errors the next submissions raise, one each
         self.nodes = nodes if nodes is not None else [{"CPU": 64.0, "memory": 256.0 * 2**30}]
 
     def cluster(self):
         return None if self.nodes is None else cluster_of(self.nodes)
 
     def submit(self, sid: str, entrypoint: str, *, metadata: dict, env_vars: dict) -> None:
+        if self.refusals:
+            raise RuntimeError(self.refusals.pop(0))
         assert sid not in self.jobs, f"{sid} submitted twice"
         self.jobs[sid] = {"status": self.start, "message": "", "logs": "", "entrypoint": entrypoint,
                           "metadata": metadata, "env": env_vars, "stopping": False}
@@ -202,6 +205,21 @@ def test_r24_a_payload_that_is_not_even_text_fails_with_a_reason(store, make):
         sched.tick()
     assert (store.get(garbage).state, store.get(garbage).reason) == ("failed", "invalid_spec")
     assert store.get(good).state == "running"
+
+
+def test_a_submission_ray_refuses_for_now_is_retried_and_a_bad_one_fails_the_job(store, make):
+    ray = FakeRay()
+    sched = make(ray)
+    ray.refusals = ["Request failed with status code 500: No available agent to submit job, please try again later."]
+    job_id, _ = store.create(FAST_SPEC, name="retry")
+    sched.tick()
+    assert store.get(job_id).state == "starting" and ray.jobs == {}
+    sched.tick()
+    assert store.get(job_id).state == "running" and list(ray.jobs) == [submission_id(job_id, 1)]
+    ray.refusals = ["Request failed with status code 400: bad runtime env"]
+    bad, _ = store.create(FAST_SPEC, name="bad")
+    sched.tick()
+    assert (store.get(bad).state, store.get(bad).reason) == ("failed", "submit_failed")
 
 
 def test_cancel_stops_the_ray_job_and_ends_cancelled(store, make):
