@@ -60,6 +60,8 @@ JOB_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PYTHONUNBUFFERED": "1"}
 MISSING_LIMIT = 3  # polls in a row Ray does not know a submitted job before it is given up
 SUBMIT_TRIES = 60  # passes a submission Ray refuses for now (5xx) is retried before the job fails
 ERROR_CHARS = 2000
+# A failed job's reason, from the type of its root cause (the start of the driver's error line).
+FAILURE_REASONS = {"NonFiniteLoss": "non_finite_loss", "TeacherUnavailable": "teacher_unavailable"}
 PROGRESS_EVERY_S = 30.0  # a running job's progress line in the log at most this often
 
 
@@ -427,7 +429,7 @@ class Scheduler:
         if not line:
             return {"reason": "ray_job_failed", "error": message[-ERROR_CHARS:]}
         error = line.split(marker, 1)[1][:ERROR_CHARS]
-        return {"reason": "non_finite_loss" if error.startswith("NonFiniteLoss") else "job_failed", "error": error}
+        return {"reason": FAILURE_REASONS.get(error.split(":", 1)[0], "job_failed"), "error": error}
 
     def _logs(self, sid: str) -> str:
         try:

@@ -162,6 +162,10 @@ def test_a_claimed_job_runs_as_a_ray_job_and_its_success_is_recorded(store, make
 @pytest.mark.parametrize("logs, reason, error", [
     ("step 3\njob {id} failed: NonFiniteLoss: 3 non-finite losses in a row at distill step 3\n",
      "non_finite_loss", "NonFiniteLoss: 3 non-finite losses in a row at distill step 3"),
+    ("job {id} failed: TeacherUnavailable: teacher unavailable at 127.0.0.1:50051 since 2026-03-01T12:00:00.000"
+     "+00:00: no answer after 9 attempt(s) in 300.0s (last: UNAVAILABLE: connection refused)\n",
+     "teacher_unavailable", "TeacherUnavailable: teacher unavailable at 127.0.0.1:50051 since 2026-03-01T12:00:00"
+     ".000+00:00: no answer after 9 attempt(s) in 300.0s (last: UNAVAILABLE: connection refused)"),
     ("job {id} failed: ValueError: prompts of 16 tokens exceed the teacher's limit\n",
      "job_failed", "ValueError: prompts of 16 tokens exceed the teacher's limit"),
     ("Killed\n", "ray_job_failed", "Job entrypoint command failed with exit code 137"),
