@@ -63,6 +63,10 @@ class TeacherSpec(_Strict):
     ray_actor: TeacherActorSpec | None = Field(
         None, description="Start the teacher inside the Ray cluster, as gRPC servers in Ray actors.")
     timeout_s: float = Field(120.0, gt=0, le=3600, description="Deadline of one teacher call, seconds.")
+    unavailable_timeout_s: float = Field(
+        300.0, gt=0, le=86400, description="How long a worker waits for a teacher that does not answer (down, "
+                                           "restarting, loading), from the call's first failed attempt, seconds; "
+                                           "then the job fails with `teacher unavailable at <endpoints> since <time>`.")
     token_env: str | None = Field(None, max_length=128,
                                   description="Environment variable holding the teacher's bearer token.")
 

@@ -12,6 +12,10 @@ replicas when the spec asks for them -> a TorchTrainer named after the job with
 Recovery: a failed worker group is restarted by Ray Train (`resources.max_failures`) from the last
 reported checkpoint; a new driver with the same job id and storage path finds the same run and
 resumes from it too. Either way training continues from the exact step it checkpointed.
+
+Failure: a worker emits an `error` event with its exception before Ray Train sees it, and the
+driver's last line is `job <id> failed: <Type>: <message>` naming that exception (the root cause,
+not Ray Train's `WorkerGroupError` around it), which the scheduler turns into the job's reason.
 """
 
 from __future__ import annotations
@@ -25,9 +29,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import JobSpec
+
+if TYPE_CHECKING:  # the driver imports no torch
+    from .checkpoint import CheckpointRef
+    from .events import EventSink
+    from .trainer import CheckpointCallback, MetricsCallback
 
 log = logging.getLogger("distillery.run")
 
@@ -67,7 +76,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from .events import open_sink
     from .metrics import RayMetrics
-    from .trainer import Trainer, build_teacher
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -110,21 +118,65 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank != 0:  # only rank 0 writes checkpoints; the others keep nothing on disk
         spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(
             update={"dir": tempfile.mkdtemp(prefix=f"distillery-rank{rank}-")})})
-    trainer = Trainer(spec, build_teacher(spec.teacher), rank=rank, world=world, on_metrics=on_metrics,
-                      on_checkpoint=on_checkpoint)
     try:
-        trainer.setup(resume_from=resume)
-        summary = trainer.train()
-        if rank == 0:
-            sink.emit({"kind": "summary", "stage": "done", "step": 0, "rank": 0, "job_id": job_id,
-                       "summary": summary})
+        train_worker(spec, sink, job_id=job_id, rank=rank, world=world, resume=resume, on_metrics=on_metrics,
+                     on_checkpoint=on_checkpoint)
     finally:
-        trainer.cleanup()
-        sink.close()
+        sink.close()  # sends what is buffered (the error event too) before Ray Train sees the end
         if resume is not None:  # the restored copy lives in a temporary directory of its own
             shutil.rmtree(resume.path.parents[1], ignore_errors=True)
         if rank != 0:
             shutil.rmtree(spec.checkpoint.dir, ignore_errors=True)
+
+
+def train_worker(spec: JobSpec, sink: EventSink, *, job_id: str, rank: int = 0, world: int = 1,
+                 resume: CheckpointRef | None = None, on_metrics: MetricsCallback | None = None,
+                 on_checkpoint: CheckpointCallback | None = None) -> dict[str, Any]:
+    """One worker's `Trainer` from setup to summary (no Ray here), and the events users need to
+    see why a run stalls or ends: `teacher_wait` when a teacher call begins to wait for an
+    unavailable teacher, rank 0's `summary`, and on a failure `error` with the one-line cause
+    (`describe_failure`) before the exception goes on to Ray Train."""
+    from .trainer import Trainer, build_teacher
+
+    def event(kind: str, **fields: Any) -> dict[str, Any]:
+        return {"kind": kind, "id": f"{kind}:{rank}:{os.getpid()}:{time.time_ns()}", "stage": trainer.stage,
+                "step": trainer.step, "rank": rank, "pid": os.getpid(), "job_id": job_id, **fields}
+
+    def on_teacher_wait(message: str) -> None:
+        sink.emit(event("teacher_wait", message=message))
+
+    trainer = Trainer(spec, build_teacher(spec.teacher, on_teacher_wait), rank=rank, world=world,
+                      on_metrics=on_metrics, on_checkpoint=on_checkpoint)
+    try:
+        trainer.setup(resume_from=resume)
+        summary = trainer.train()
+    except Exception as exc:
+        sink.emit(event("error", error=describe_failure(exc)))
+        raise
+    finally:
+        trainer.cleanup()
+    if rank == 0:
+        sink.emit({"kind": "summary", "stage": "done", "step": 0, "rank": 0, "job_id": job_id, "summary": summary})
+    return summary
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception that failed a run, out of Ray Train's wrappers: a `WorkerGroupError` holds
+    each failed rank's own exception in `worker_failures` (the lowest rank whose exception is not
+    Ray's own, such as a dead worker's, is the cause), a `ControllerError` its
+    `controller_failure`. Any other exception is its own cause."""
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = min(failures, key=lambda r: (type(failures[r]).__module__.startswith("ray."), r))
+        return root_cause(failures[rank])
+    inner = getattr(exc, "controller_failure", None)
+    return root_cause(inner) if isinstance(inner, BaseException) else exc
+
+
+def describe_failure(exc: BaseException) -> str:
+    """`<Type>: <message>` of the root cause, on one line (the job's record keeps one line)."""
+    cause = root_cause(exc)
+    return " ".join(f"{type(cause).__name__}: {cause}".split())
 
 
 # ---------------------------------------------------------------------- driver
@@ -198,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run(spec, args.job_id, args.events, args.attempt)
     except Exception as exc:  # noqa: BLE001 - the job's failure, told in one line
-        print(f"job {args.job_id} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"job {args.job_id} failed: {describe_failure(exc)}", file=sys.stderr)
         return 1
     print(json.dumps({"job_id": args.job_id, "summary": summary}, default=str))
     return 0

@@ -24,6 +24,7 @@ UNITS: dict[str, str] = {
     "seed": "",
     "log_every": "optimizer steps",
     "teacher.timeout_s": "seconds",
+    "teacher.unavailable_timeout_s": "seconds",
     "teacher.ray_actor.replicas": "replicas",
     "teacher.ray_actor.num_cpus": "CPUs",
     "teacher.ray_actor.num_gpus": "GPUs",

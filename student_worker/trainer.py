@@ -91,8 +91,11 @@ def check_inputs(spec: JobSpec) -> None:
             raise ValueError(f"{field}: {path} is not a file")
 
 
-def build_teacher(spec: TeacherSpec) -> Teacher:
-    """A gRPC client for served teachers, or the teacher in-process for `local_model`."""
+def build_teacher(spec: TeacherSpec, on_unavailable: Callable[[str], None] | None = None) -> Teacher:
+    """A gRPC client for served teachers, or the teacher in-process for `local_model`.
+
+    A served teacher that stops answering is waited for up to `spec.unavailable_timeout_s`;
+    `on_unavailable(message)` hears once per call that waits."""
     import os
 
     if spec.local_model:
@@ -102,7 +105,8 @@ def build_teacher(spec: TeacherSpec) -> Teacher:
     from teacher_server.client import TeacherClient
 
     token = os.environ.get(spec.token_env) if spec.token_env else None
-    return TeacherClient(spec.endpoints, timeout_s=spec.timeout_s, token=token)
+    return TeacherClient(spec.endpoints, timeout_s=spec.timeout_s, unavailable_timeout_s=spec.unavailable_timeout_s,
+                         token=token, on_unavailable=on_unavailable)
 
 
 def step_seed(*parts: object) -> int:
