@@ -8,8 +8,8 @@
   and jitter, moving to the next endpoint each time, for `unavailable_timeout_s` from the call's
   first failed attempt (default: `timeout_s`); then `TeacherUnavailable("teacher unavailable at
   <endpoints> since <UTC time of that attempt> ...")` with the last status. A teacher back in time
-  answers the call, with a whole `timeout_s` again. `on_unavailable(message)` hears once per call
-  that it has begun to wait (workers turn it into a `teacher_wait` event).
+  answers the call, with a whole `timeout_s` again (R-14). `on_unavailable(message)` hears once
+  per call that it has begun to wait (workers turn it into a `teacher_wait` event).
 - Endpoints are used round-robin, one call each. A `dns:///name:port` target (a Kubernetes
   headless Service) gets gRPC's own round_robin policy over its addresses.
 """
