@@ -10,12 +10,13 @@ service checks them against its configured roots before a job is accepted.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LossName = Literal["fkl", "rkl", "skew_fkl", "skew_rkl", "jsd", "tvd", "akl"]
 
@@ -56,6 +57,10 @@ class TeacherActorSpec(_Strict):
     max_restarts: int = Field(-1, ge=-1, le=1000, description="Restarts of a dead replica (-1 = always).")
 
 
+# host:port (a name, IPv4 or [IPv6]) or dns:///host:port, as the teacher client dials them.
+ENDPOINT = re.compile(r"^(dns:///)?(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?):(?P<port>[0-9]{1,5})$")
+
+
 class TeacherSpec(_Strict):
     endpoints: list[str] = Field(default_factory=list, max_length=64,
                                  description="host:port of running teacher servers, used round-robin.")
@@ -69,6 +74,18 @@ class TeacherSpec(_Strict):
                                            "then the job fails with `teacher unavailable at <endpoints> since <time>`.")
     token_env: str | None = Field(None, max_length=128,
                                   description="Environment variable holding the teacher's bearer token.")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, endpoints: list[str]) -> list[str]:
+        for e in endpoints:
+            m = ENDPOINT.match(e)
+            if m is None or not 0 < int(m["port"]) < 65536:
+                raise ValueError(f"teacher endpoint {e[:100]!r} is not host:port (or dns:///host:port for every "
+                                 "address of a name), with a port in 1..65535")
+        if len(set(endpoints)) != len(endpoints):
+            raise ValueError("teacher endpoints are listed twice")
+        return endpoints
 
     @model_validator(mode="after")
     def _one_teacher(self) -> "TeacherSpec":

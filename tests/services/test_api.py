@@ -401,6 +401,11 @@ WRONG = {
     "two teachers": (("teacher", "endpoints"), ["127.0.0.1:1"]), "bad name": (("name",), "../x"),
     # would reach the Ray entrypoint as a flag (the job id starts with the name)
     "name like a flag": (("name",), "-x"), "name like a long flag": (("name",), "--help"),
+    # checked at submit, not when the workers first dial the teacher
+    "endpoint not host:port": (("teacher",), {"endpoints": ["http://teacher/score"]}),
+    "endpoint port out of range": (("teacher",), {"endpoints": ["teacher:70000"]}),
+    "endpoint like a flag": (("teacher",), {"endpoints": ["--teacher:1"]}),
+    "endpoint twice": (("teacher",), {"endpoints": ["teacher:1", "teacher:1"]}),
 }
 
 
