@@ -74,6 +74,7 @@ UNITS: dict[str, str] = {
     "resources.workers": "workers",
     "resources.cpus_per_worker": "CPUs",
     "resources.gpus_per_worker": "GPUs",
+    "resources.memory_gb_per_worker": "GiB",
     "resources.max_failures": "restarts",
     "resources.check_replicas_every": "optimizer steps",
 }
