@@ -367,6 +367,7 @@ def train(
     from student_worker.config import JobSpec
     from student_worker.trainer import NonFiniteLoss, Trainer, build_teacher, check_inputs
     from services.progress import TrainProgress
+    from teacher_server.contract import TeacherError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = JobSpec.from_file(spec_path)
@@ -384,6 +385,9 @@ def train(
             summary = trainer.train()
         except NonFiniteLoss as exc:
             typer.echo(f"job failed: {exc.reason}: {exc}", err=True)
+            raise typer.Exit(1)
+        except TeacherError as exc:  # unavailable past its budget, or a request it refused
+            typer.echo(f"job failed: {type(exc).__name__}: {exc}", err=True)
             raise typer.Exit(1)
         finally:
             trainer.cleanup()

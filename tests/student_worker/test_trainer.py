@@ -349,3 +349,21 @@ def test_a_field_added_since_the_checkpoint_compares_as_its_default():
     changed = JobSpec.model_validate({**doc, "data": {"path": "d", "split_seed": 3}})
     breaking, _ = resume_changes(saved, changed)
     assert [c.field for c in breaking] == ["data.split_seed"]
+
+
+def test_train_cli_ends_in_one_line_when_the_teacher_never_answers(make_spec, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from services.cli import app
+    from services.local import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
+    spec = make_spec(teacher={"local_model": None, "endpoints": [endpoint], "timeout_s": 1,
+                              "unavailable_timeout_s": 1})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(json.loads(spec.to_json())))
+    result = CliRunner().invoke(app, ["train", str(path)])
+    assert result.exit_code == 1, result.output
+    assert f"job failed: TeacherUnavailable: teacher unavailable at {endpoint} since " in result.output
+    assert "Traceback" not in result.output
