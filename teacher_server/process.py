@@ -1,6 +1,7 @@
 """Start `distillery teacher serve` as a child process and wait until it is SERVING.
 
-Used by the demo, the benchmarks, the one-machine stack and the tests. The server binds first and
+Used by the demo, the benchmarks and the tests; the one-machine stack runs `teacher_command` on a
+port of its choosing, so that it can restart the server on the same one. The server binds first and
 writes its port to a file (so port 0 works), then loads the model; `start_teacher` waits for
 grpc.health SERVING. `stop()` sends SIGTERM to exactly the pid it started and waits for the
 drain; SIGKILL only if the grace period runs out.
@@ -46,13 +47,18 @@ class TeacherProcess:
         return self.proc.returncode
 
 
+def teacher_command(model: str | Path, *flags: str, port: int, host: str = "127.0.0.1") -> list[str]:
+    """The `distillery teacher serve` command line, run with this interpreter."""
+    return [sys.executable, "-m", "services.cli", "teacher", "serve", "--model", str(model),
+            "--host", host, "--port", str(port), *flags]
+
+
 def start_teacher(model: str | Path, *flags: str, port: int = 0, host: str = "127.0.0.1",
                   log_path: Path | None = None, wait: bool = True, timeout_s: float = 300.0,
                   env: dict[str, str] | None = None) -> TeacherProcess:
     """Launch a teacher server on `host:port` (0 = any free port) with extra CLI `flags`."""
     port_file = Path(tempfile.mkdtemp(prefix="distillery-teacher-")) / "port"
-    cmd = [sys.executable, "-m", "services.cli", "teacher", "serve", "--model", str(model),
-           "--host", host, "--port", str(port), "--port-file", str(port_file), *flags]
+    cmd = teacher_command(model, "--port-file", str(port_file), *flags, port=port, host=host)
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL
     try:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,

@@ -1,9 +1,11 @@
-"""The one-machine stack end to end: `distillery up`, submit over REST, follow, cancel, `down`."""
+"""The one-machine stack end to end: `distillery up` (with a teacher server), submit over REST,
+follow, cancel, the API and the teacher killed and restarted, `down`."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ import pytest
 import yaml
 
 from services.local import free_port, read_state
+from teacher_server.health import serving
 
 pytestmark = pytest.mark.slow
 
@@ -51,13 +54,24 @@ def stack(tmp_path_factory, tiny_llama):
     state_dir = root / "state"
     api_port, dash_port = free_port(), free_port()
     up = cli("up", "--state-dir", str(state_dir), "--api-port", str(api_port), "--dashboard-port",
-             str(dash_port), "--runs-dir", str(root / "runs"), env=env)
+             str(dash_port), "--runs-dir", str(root / "runs"), "--teacher-model", str(tiny_llama), env=env)
     assert up.returncode == 0, up.stderr + up.stdout
     state = read_state(state_dir)
+    assert up.stdout.strip() == state.describe()
     env["DISTILLERY_API_URL"] = state.api_url
     yield root, state_dir, state, env
+    children = read_state(state_dir).children.values()  # the latest pids, restarts included
     down = cli("down", "--state-dir", str(state_dir), env=env)
     assert down.returncode == 0, down.stderr
+    assert not [p for p in children if running(p)], "down left a child running"
+
+
+def running(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "zombie" not in status.read_text().lower()
+    except OSError:
+        return False
 
 
 def job_spec(root: Path, teacher: Path, student: Path, steps: int) -> Path:
@@ -83,8 +97,39 @@ def test_up_prints_where_everything_listens_and_the_api_is_ready(stack):
     assert state.embedded_redis
     r = httpx.get(f"{state.api_url}/readyz", timeout=10)
     assert r.status_code == 200, r.text
-    # The dashboard answers, and only with Ray's token (readyz above reached it with one).
+    assert r.json() == {"status": "ready", "redis": True, "ray": True, "teacher": True}
+    # The dashboard answers, and only with Ray's token (readyz above reached it with one), which
+    # only its owner can read; `up` said where it is and how to send it.
     assert httpx.get(f"{state.ray_dashboard}/api/version", timeout=10).status_code == 401
+    token = Path(state.ray_token)
+    assert token.stat().st_mode & 0o777 == 0o600
+    headers = {"Authorization": f"Bearer {token.read_text().strip()}"}
+    assert httpx.get(f"{state.ray_dashboard}/api/version", headers=headers, timeout=10).status_code == 200
+    assert str(token) in state.describe() and "Authorization: Bearer" in state.describe()
+
+
+def test_a_killed_teacher_comes_back_on_its_endpoint_and_readyz_follows(stack):
+    """SIGKILL to the stack's teacher: /readyz turns 503 (teacher false), a client holding the
+    endpoint rides through, and the supervisor restarts it on the same port under a new pid."""
+    from teacher_server.client import TeacherClient
+
+    _, state_dir, state, _ = stack
+    old = read_state(state_dir).children["teacher"]
+    with TeacherClient(state.teacher_endpoint, timeout_s=120) as client:
+        client.info()  # connected before the kill
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (r := httpx.get(f"{state.api_url}/readyz", timeout=10)).status_code != 503:
+            assert time.monotonic() < deadline, "readyz never noticed the teacher was gone"
+            time.sleep(0.1)
+        assert r.json()["teacher"] is False and r.json()["redis"] and r.json()["ray"]
+        scored = client.score([[1, 2, 3, 4]], [1], top_k=4)  # waits out the restart
+    assert scored[0].topk_ids.shape == (3, 4)
+    after = read_state(state_dir)
+    assert after.teacher_endpoint == state.teacher_endpoint and after.children["teacher"] not in (old, None)
+    assert serving(state.teacher_endpoint)
+    r = httpx.get(f"{state.api_url}/readyz", timeout=10)
+    assert r.status_code == 200 and r.json()["teacher"] is True
 
 
 def test_submit_follow_succeeds_with_events_and_eval(stack, tiny_llama, tiny_student):
@@ -116,8 +161,6 @@ def test_cancel_a_running_job(stack, tiny_llama, tiny_student):
 
 
 def test_the_api_restarted_mid_job_still_shows_the_job(stack, tiny_llama, tiny_student):
-    import signal
-
     root, state_dir, state, env = stack
     spec = job_spec(root, tiny_llama, tiny_student, steps=6)
     job_id = cli("submit", str(spec), env=env).stdout.split()[0]
