@@ -205,6 +205,33 @@ class ResourcesSpec(_Strict):
         return self
 
 
+class MlflowSpec(_Strict):
+    tracking_uri: str | None = Field(
+        None, max_length=2048, description="MLflow tracking server, http(s)://host:port (all the job service "
+                                           "accepts), or for local runs a store such as file:///path; null: the "
+                                           "workers' MLFLOW_TRACKING_URI, else MLflow's own default. Credentials "
+                                           "come from the workers' environment (MLFLOW_TRACKING_TOKEN, ...), never "
+                                           "from the spec.")
+    experiment: str = Field("distillery", min_length=1, max_length=256, description="MLflow experiment name "
+                            "(created when missing).")
+
+
+class WandbSpec(_Strict):
+    project: str = Field("distillery", min_length=1, max_length=128, description="Weights & Biases project.")
+    entity: str | None = Field(None, max_length=128, description="W&B team or user; null: the API key's default.")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="online: sent as it runs (WANDB_API_KEY in the workers' environment); offline: "
+                              "written under <checkpoint.dir>/wandb only, for `wandb sync` later.")
+
+
+class TrackingSpec(_Strict):
+    tensorboard: bool = Field(True, description="Write TensorBoard event files into <checkpoint.dir>/tensorboard.")
+    mlflow: MlflowSpec | None = Field(None, description="Also log to MLflow "
+                                                        "(needs the package: the project's `mlflow` extra).")
+    wandb: WandbSpec | None = Field(None, description="Also log to Weights & Biases "
+                                                      "(needs the package: the project's `wandb` extra).")
+
+
 class JobSpec(_Strict):
     name: str = Field("distill", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="Human-readable job name.")
@@ -217,6 +244,7 @@ class JobSpec(_Strict):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     log_every: int = Field(1, ge=1, le=100_000, description="Print metrics, and report them to Ray Train, every N optimizer steps.")
 
     @model_validator(mode="after")
@@ -271,7 +299,7 @@ def check_teacher_length(spec: JobSpec, teacher_limit: int) -> None:
 # Fields that may change between a checkpoint and the run resuming from it: where things run and
 # how often the run reports, never what it computes. Prefixes of dotted field paths.
 RESUME_SAFE = (
-    "name", "log_every", "eval.", "checkpoint.dir", "checkpoint.every_steps", "checkpoint.keep_last",
+    "name", "log_every", "eval.", "tracking.", "checkpoint.dir", "checkpoint.every_steps", "checkpoint.keep_last",
     "student.device", "teacher.", "resources.max_failures", "resources.storage_path",
     "resources.check_replicas_every", "resources.strategy", "resources.cpus_per_worker",
     "resources.gpus_per_worker",

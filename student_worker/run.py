@@ -135,7 +135,9 @@ def train_worker(spec: JobSpec, sink: EventSink, *, job_id: str, rank: int = 0, 
     """One worker's `Trainer` from setup to summary (no Ray here), and the events users need to
     see why a run stalls or ends: `teacher_wait` when a teacher call begins to wait for an
     unavailable teacher, rank 0's `summary`, and on a failure `error` with the one-line cause
-    (`describe_failure`) before the exception goes on to Ray Train."""
+    (`describe_failure`) before the exception goes on to Ray Train. Rank 0 also logs its metrics
+    to the spec's trackers (`tracking.py`)."""
+    from .tracking import open_tracker
     from .trainer import Trainer, build_teacher
 
     def event(kind: str, **fields: Any) -> dict[str, Any]:
@@ -145,16 +147,26 @@ def train_worker(spec: JobSpec, sink: EventSink, *, job_id: str, rank: int = 0, 
     def on_teacher_wait(message: str) -> None:
         sink.emit(event("teacher_wait", message=message))
 
+    def on_step(m: dict[str, Any]) -> None:
+        tracker.log(m)
+        if on_metrics is not None:
+            on_metrics(m)
+
     trainer = Trainer(spec, build_teacher(spec.teacher, on_teacher_wait), rank=rank, world=world,
-                      on_metrics=on_metrics, on_checkpoint=on_checkpoint)
+                      on_metrics=on_step, on_checkpoint=on_checkpoint)
+    tracker = open_tracker(spec, rank=rank, run_name=job_id, job_id=job_id)  # TensorBoard, MLflow, W&B on rank 0
+    failed = True
     try:
         trainer.setup(resume_from=resume)
         summary = trainer.train()
+        tracker.log_summary(summary)
+        failed = False
     except Exception as exc:
         sink.emit(event("error", error=describe_failure(exc)))
         raise
     finally:
         trainer.cleanup()
+        tracker.close(failed=failed)
     if rank == 0:
         sink.emit({"kind": "summary", "stage": "done", "step": 0, "rank": 0, "job_id": job_id, "summary": summary})
     return summary

@@ -89,6 +89,7 @@ SECTIONS: dict[str, str] = {
     "checkpoint": "The run directory and how often it is written.",
     "eval": "Exact match and ROUGE-L of greedy decodes on the eval rows.",
     "resources": "Workers, devices and fault tolerance of the Ray job.",
+    "tracking": "Where metrics go besides the events: TensorBoard, MLflow, Weights & Biases (rank 0 only).",
 }
 
 NOTES = """\
