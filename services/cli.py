@@ -365,8 +365,9 @@ def train(
 ) -> None:
     """Run one distillation job in this process (local or served teacher), with a progress bar."""
     from student_worker.config import JobSpec
-    from student_worker.trainer import NonFiniteLoss, Trainer, build_teacher, check_inputs
+    from student_worker.trainer import NonFiniteLoss, check_inputs
     from services.progress import TrainProgress
+    from services.sdk import run as run_in_process
     from teacher_server.contract import TeacherError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -379,18 +380,14 @@ def train(
         typer.echo(f"{spec_path}: {exc}", err=True)
         raise typer.Exit(2)
     with TrainProgress(spec) as progress:
-        trainer = Trainer(spec, build_teacher(spec.teacher), on_metrics=progress.update)
-        try:
-            trainer.setup()
-            summary = trainer.train()
+        try:  # the Python API's in-process run: trainer, checkpoints, trackers (spec.tracking)
+            summary = run_in_process(spec, on_metrics=progress.update).summary
         except NonFiniteLoss as exc:
             typer.echo(f"job failed: {exc.reason}: {exc}", err=True)
             raise typer.Exit(1)
         except TeacherError as exc:  # unavailable past its budget, or a request it refused
             typer.echo(f"job failed: {type(exc).__name__}: {exc}", err=True)
             raise typer.Exit(1)
-        finally:
-            trainer.cleanup()
     progress.report(summary, spec.checkpoint.dir)
 
 

@@ -9,7 +9,7 @@ import math
 import os
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from pydantic import ValidationError
 
@@ -80,6 +80,16 @@ def refuse_trust_remote_code(data: Any) -> None:
                 raise UnsafeSpec(f"trust_remote_code cannot come from a request (found at {here[:200]}); "
                                  "remote code is an operator's decision on the teacher server")
             stack.append((here, v))
+
+
+def check_tracking_uri(uri: str) -> None:
+    """An MLflow tracking URI from a request names a server, never a store on the workers' disks
+    or a database, and carries no credentials: those come from the workers' environment."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https", "databricks") or "@" in parts.netloc or parts.query:
+        raise UnsafeSpec("tracking.mlflow.tracking_uri from a request must be an http(s) MLflow server (or "
+                         "databricks) with no credentials in it; leave it null to use the workers' "
+                         "MLFLOW_TRACKING_URI, which the operator sets with any credentials")
 
 
 class PathPolicy:
@@ -158,6 +168,8 @@ class JobService:
             if "://" in res.storage_path:
                 raise PathRefused("resources.storage_path: storage URIs cannot come from a request")
             res.storage_path = self.runs.resolve("resources.storage_path", res.storage_path)
+        if spec.tracking.mlflow is not None and spec.tracking.mlflow.tracking_uri is not None:
+            check_tracking_uri(spec.tracking.mlflow.tracking_uri)
         if t.token_env is not None and not TOKEN_ENV.match(t.token_env):
             raise UnsafeSpec("teacher.token_env must name a variable starting with DISTILLERY_TEACHER_TOKEN "
                              "(its value is sent to the teacher endpoints)")
