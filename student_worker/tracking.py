@@ -143,8 +143,9 @@ class Mlflow:
         return run_id
 
     def log(self, stage: str, step: int, values: dict[str, float]) -> None:
+        # NaN and inf do not survive MLflow's JSON everywhere; a skipped step shows as <stage>/skipped.
         now = int(time.time() * 1000)
-        metrics = [self.entities.Metric(k, v, now, step) for k, v in values.items()]
+        metrics = [self.entities.Metric(k, v, now, step) for k, v in values.items() if math.isfinite(v)]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 

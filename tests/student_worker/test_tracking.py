@@ -219,9 +219,13 @@ def test_mlflow_adapter_logs_params_metrics_and_resumes_its_run(make_spec, monke
     state = json.loads((Path(spec.checkpoint.dir) / "tracking.json").read_text())
     assert state == {"mlflow_run_id": "run1"}
 
-    play(open_tracker(spec, job_id="job-1"), failed=True)  # the job resumed: the same run goes on
+    tracker = open_tracker(spec, job_id="job-1")  # the job resumed: the same run goes on
+    tracker.log({"stage": "distill", "step": 3, "loss": float("nan"), "skipped": True})
+    play(tracker, failed=True)
     assert list(fake.runs) == ["run1"] and run["status"] == ["RUNNING", "FINISHED", "RUNNING", "FAILED"]
-    assert len(run["metrics"]) == 2 * len(metrics)
+    assert len(run["metrics"]) == 2 * len(metrics) + 1  # a non-finite loss is left out, its step shows
+    assert [(m.key, m.value) for m in run["metrics"] if m.step == 3 and m.key.startswith("distill/")] == [
+        ("distill/skipped", 1.0)]
 
 
 def test_wandb_adapter_plots_each_stage_against_its_own_step(make_spec, monkeypatch):
