@@ -365,6 +365,8 @@ def train(
 ) -> None:
     """Run one distillation job in this process (local or served teacher), with a progress bar."""
     from student_worker.config import JobSpec
+    from student_worker.data import DataError
+    from student_worker.eval import ScorerError
     from student_worker.trainer import NonFiniteLoss, check_inputs
     from services.progress import TrainProgress
     from services.sdk import run as run_in_process
@@ -385,7 +387,7 @@ def train(
         except NonFiniteLoss as exc:
             typer.echo(f"job failed: {exc.reason}: {exc}", err=True)
             raise typer.Exit(1)
-        except TeacherError as exc:  # unavailable past its budget, or a request it refused
+        except (TeacherError, DataError, ScorerError) as exc:  # teacher gone or refusing; data refused; scorer failed
             typer.echo(f"job failed: {type(exc).__name__}: {exc}", err=True)
             raise typer.Exit(1)
     progress.report(summary, spec.checkpoint.dir)

@@ -17,7 +17,7 @@ from services.admission import never_fits
 from services.rayapi import Cluster, http_ray_cluster, http_ray_ping, ray_auth_headers  # noqa: F401 - the API's probes
 from services.settings import Settings
 from services.store import TERMINAL, Job, JobStore, TransitionRefused
-from student_worker.config import JobSpec
+from student_worker.config import LOAD_DATASET_BUILDERS, JobSpec
 from teacher_server.health import serving
 
 from services.protocol import (
@@ -131,6 +131,12 @@ class PathPolicy:
         raise PathRefused(f"{field} {raw[:200]!r} resolves outside the {self.what} roots ({shown})")
 
 
+def scorer_allowed(scorer: str, prefixes: tuple[str, ...]) -> bool:
+    """An eval.scorer ("module:function") whose module is one of `prefixes` or inside one."""
+    module = scorer.partition(":")[0]
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
 # ---------------------------------------------------------------------------------- service
 class JobService:
     """Validates and orchestrates; returns typed results or raises the errors above."""
@@ -144,6 +150,7 @@ class JobService:
         self.data = PathPolicy(settings.data_roots, "DISTILLERY_DATA_ROOTS", "data")
         self.runs = PathPolicy((settings.runs_dir,), "DISTILLERY_RUNS_DIR", "run")
         self.teacher_endpoint = settings.teacher_endpoint
+        self.allowed_scorers = settings.allowed_scorers
 
     def accept(self, raw: bytes) -> JobSpec:
         """Body bytes -> a JobSpec whose paths passed the policy (resolved, absolute)."""
@@ -160,9 +167,19 @@ class JobService:
             t.local_model = self.models.resolve("teacher.local_model", t.local_model)
         if t.ray_actor is not None:
             t.ray_actor.model = self.models.resolve("teacher.ray_actor.model", t.ray_actor.model)
-        d.path = self.data.resolve("data.path", d.path)
+        if t.chat_template is not None:
+            t.chat_template = self.models.resolve("teacher.chat_template", t.chat_template)
+        if not (d.path in LOAD_DATASET_BUILDERS and d.format in ("auto", "load_dataset")):  # else a builder name
+            d.path = self.data.resolve("data.path", d.path)
         if d.eval_path is not None:
             d.eval_path = self.data.resolve("data.eval_path", d.eval_path)
+        if d.data_files is not None:
+            d.data_files = {split: [self.data.resolve(f"data.data_files.{split}", f) for f in files]
+                            for split, files in d.data_files.items()}
+        if spec.eval.scorer is not None and not scorer_allowed(spec.eval.scorer, self.allowed_scorers):
+            raise UnsafeSpec(f"eval.scorer {spec.eval.scorer} is code the workers would run; this service runs only "
+                             f"scorers in the modules its operator allows (DISTILLERY_ALLOWED_SCORERS: "
+                             f"{', '.join(self.allowed_scorers) or 'none'})")
         spec.checkpoint.dir = self.runs.resolve("checkpoint.dir", spec.checkpoint.dir)
         if res.storage_path is not None:
             if "://" in res.storage_path:

@@ -51,10 +51,12 @@ class TrainProgress:
         ev = summary.get("eval") or {}
         if ev:
             table = Table(title="eval")
-            for col in ("model", "examples", "exact match", "ROUGE-L"):
+            scores = sorted({k for r in ev.values() for k in r if k.startswith("score")})
+            for col in ("model", "examples", "exact match", "ROUGE-L", *scores):
                 table.add_column(col)
-            for who, r in ev.items():
-                table.add_row(who, str(r["n"]), f"{r['exact_match']:.3f}", f"{r['rouge_l']:.3f}")
+            for who, r in ev.items():  # exact match and ROUGE-L are None for rows without references
+                table.add_row(who, str(r["n"]), *(f"{r[k]:.3f}" if r.get(k) is not None else "-"
+                                                  for k in ("exact_match", "rouge_l", *scores)))
             self.console.print(table)
         timing = summary.get("timing") or {}
         kd = timing.get("distill") or {}

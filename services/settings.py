@@ -9,6 +9,7 @@
 | DISTILLERY_API_KEYS | (none) | comma-separated bearer keys accepted by the API |
 | DISTILLERY_MODEL_ROOTS | (none) | comma-separated directories model paths must resolve inside |
 | DISTILLERY_DATA_ROOTS | (none) | comma-separated directories data paths must resolve inside |
+| DISTILLERY_ALLOWED_SCORERS | (none) | comma-separated module prefixes an `eval.scorer` may name (it runs in the workers); none: refused |
 | DISTILLERY_RUNS_DIR | runs | where each job's run directory (checkpoints, events) is created |
 | DISTILLERY_RAY_ADDRESS | http://127.0.0.1:8265 | Ray dashboard / Jobs API the scheduler submits to |
 | DISTILLERY_TEACHER_ENDPOINT | (none) | a teacher (host:port) the API's /readyz requires SERVING; `distillery up --teacher-model` sets it |
@@ -34,7 +35,7 @@ ENV_NAMES = (
     "DISTILLERY_API_KEYS", "DISTILLERY_MODEL_ROOTS", "DISTILLERY_DATA_ROOTS", "DISTILLERY_RUNS_DIR",
     "DISTILLERY_RAY_ADDRESS", "DISTILLERY_TEACHER_ENDPOINT", "DISTILLERY_MAX_BODY_BYTES", "DISTILLERY_LEASE_S",
     "DISTILLERY_SCHEDULER_ID", "DISTILLERY_EVENTS_MAX", "DISTILLERY_API_URL", "DISTILLERY_API_KEY",
-    "DISTILLERY_MAX_RUNNING_JOBS", "DISTILLERY_CLUSTER_AUTOSCALES",
+    "DISTILLERY_MAX_RUNNING_JOBS", "DISTILLERY_CLUSTER_AUTOSCALES", "DISTILLERY_ALLOWED_SCORERS",
 )
 
 
@@ -51,6 +52,7 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     model_roots: tuple[str, ...] = ()
     data_roots: tuple[str, ...] = ()
+    allowed_scorers: tuple[str, ...] = ()
     runs_dir: str = "runs"
     ray_address: str = "http://127.0.0.1:8265"
     teacher_endpoint: str | None = None
@@ -75,6 +77,7 @@ class Settings:
             api_keys=_list(e.get("DISTILLERY_API_KEYS")),
             model_roots=_list(e.get("DISTILLERY_MODEL_ROOTS")),
             data_roots=_list(e.get("DISTILLERY_DATA_ROOTS")),
+            allowed_scorers=_list(e.get("DISTILLERY_ALLOWED_SCORERS")),
             runs_dir=e.get("DISTILLERY_RUNS_DIR", d.runs_dir),
             ray_address=e.get("DISTILLERY_RAY_ADDRESS", d.ray_address),
             teacher_endpoint=e.get("DISTILLERY_TEACHER_ENDPOINT") or None,

@@ -74,6 +74,11 @@ class TeacherSpec(_Strict):
                                            "then the job fails with `teacher unavailable at <endpoints> since <time>`.")
     token_env: str | None = Field(None, max_length=128,
                                   description="Environment variable holding the teacher's bearer token.")
+    chat_template: str | None = Field(
+        None, description="The teacher's chat template: a Jinja file, or a directory whose tokenizer has one. "
+                          "Templated prompts are rendered with the student's template and the teacher scores those "
+                          "ids, so the job is refused unless this template renders the same ids. Default: the "
+                          "teacher model directory's (local_model, ray_actor); needed with endpoints.")
 
     @field_validator("endpoints")
     @classmethod
@@ -95,18 +100,82 @@ class TeacherSpec(_Strict):
         return self
 
 
+# Builders `format: load_dataset` may name instead of a path: the text formats of the `datasets`
+# library, read from local `data_files` only (no pickle-reading builder, nothing fetched).
+LOAD_DATASET_BUILDERS = ("json", "csv", "parquet", "arrow", "text")
+SPLIT_NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+
+
 class DataSpec(_Strict):
-    path: str = Field(description="Training JSONL: one object per line with the prompt and response fields.")
-    eval_path: str | None = Field(None, description="Eval JSONL; when absent, eval_fraction of `path` is held out.")
+    path: str = Field(description="Training rows: a JSONL file, a Parquet file, a directory written by "
+                                  "datasets' save_to_disk, or (format load_dataset) a local directory or one of the "
+                                  "builders json, csv, parquet, arrow, text read from data_files (docs/training.md).")
+    format: Literal["auto", "jsonl", "parquet", "saved", "load_dataset"] = Field(
+        "auto", description="How `path` is read. auto: *.parquet is Parquet, any other file JSONL, a directory "
+                            "holding dataset_dict.json or state.json a save_to_disk one, any other directory or "
+                            "a builder name load_dataset.")
+    data_files: dict[str, list[str]] | None = Field(
+        None, description="format load_dataset: local data files, a list (split `train`) or a mapping of split "
+                          "name to files, passed to datasets.load_dataset as data_files.")
+    split: str = Field("train", pattern=SPLIT_NAME, description="Split holding the training rows, for sources "
+                                                                "with splits (save_to_disk, load_dataset).")
+    eval_split: str | None = Field(None, pattern=SPLIT_NAME, description="Split of the same source holding the "
+                                   "eval rows; else eval_path, else eval_fraction of the training rows.")
+    eval_path: str | None = Field(None, description="Eval rows, read like `path` (same format rules); when absent "
+                                                    "(and no eval_split), eval_fraction of `path` is held out.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Share of `path` held out for eval when there is no eval_path.")
     split_seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the held-out eval rows, apart from the job's "
                             "seed: runs that differ only in seed are evaluated on the same rows.")
-    prompt_field: str = Field("prompt", min_length=1, max_length=64, description="JSON key of the prompt text.")
-    response_field: str = Field("response", min_length=1, max_length=64, description="JSON key of the reference response.")
-    chat_template: bool = Field(False, description="Wrap prompts with the student tokenizer's chat template.")
+    prompt_field: str = Field("prompt", min_length=1, max_length=64, description="Column of the prompt text (or "
+                                                                                 "of a prompt given as messages).")
+    response_field: str = Field("response", min_length=1, max_length=64, description="Column of the reference "
+                                "response; optional: rows without it are prompts only.")
+    messages_field: str = Field("messages", min_length=1, max_length=64, description="Column of conversational "
+                                "rows ([{role, content}, ...]): the prompt is every turn up to the last user turn, "
+                                "the assistant turn after it (if any) the reference.")
+    chat_template: bool = Field(False, description="Also wrap plain-text prompts in the student tokenizer's chat "
+                                                   "template (conversational rows always are).")
     max_prompt_tokens: int = Field(256, ge=1, le=32768, description="Longer prompts are cut from the left, tokens.")
     max_response_tokens: int = Field(256, ge=1, le=32768, description="Longer reference responses are cut, tokens.")
     append_eos: bool = Field(True, description="End reference responses with the tokenizer's EOS token.")
+
+    @field_validator("data_files", mode="before")
+    @classmethod
+    def _data_files(cls, value):
+        """A file or a list of files means split `train`, as datasets.load_dataset reads them."""
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            value = {"train": value}
+        if isinstance(value, dict):
+            value = {k: [v] if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _source(self) -> "DataSpec":
+        if self.data_files is not None:
+            if self.format not in ("auto", "load_dataset"):
+                raise ValueError(f"data.data_files is read by datasets.load_dataset: it needs format load_dataset "
+                                 f"(or auto), not {self.format}")
+            bad = [k for k, files in self.data_files.items() if not re.match(SPLIT_NAME, k) or not files]
+            if bad or not self.data_files:
+                raise ValueError(f"data.data_files: each split name (letters, digits, _ . -) needs at least one "
+                                 f"file; check {bad or 'the mapping'}")
+        if self.eval_split is not None:
+            if self.eval_path is not None:
+                raise ValueError("data.eval_split and data.eval_path both name the eval rows: give one")
+            if self.format in ("jsonl", "parquet"):
+                raise ValueError(f"data.eval_split needs a source with splits (saved, load_dataset); a {self.format} "
+                                 "file has none: use eval_path")
+            if self.eval_split == self.split:
+                raise ValueError(f"data.eval_split {self.eval_split!r} is the training split too")
+        if self.path in LOAD_DATASET_BUILDERS and self.format not in ("auto", "load_dataset"):
+            raise ValueError(f"data.path {self.path!r} is a load_dataset builder name; write ./{self.path} for a "
+                             "local file or directory of that name")
+        if self.path in LOAD_DATASET_BUILDERS and self.data_files is None:
+            raise ValueError(f"data.path {self.path!r} names the load_dataset builder, which reads data.data_files: "
+                             "give them")
+        return self
 
 
 class WarmupSpec(_Strict):
@@ -177,6 +246,13 @@ class EvalSpec(_Strict):
     after_warmup: bool = Field(False, description="Also evaluate the student when Warmup-Distill ends.")
     every_steps: int = Field(0, ge=0, le=10_000_000,
                              description="Also evaluate the student every N KD optimizer steps (0 = never).")
+    scorer: str | None = Field(
+        None, max_length=200, pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$",
+        description="module:function called as f(prompt, completion, reference) for every eval example, returning "
+                    "a float or a dict of floats (averaged as `score` / `score/<key>`); reference is None for rows "
+                    "without one. The job service accepts only modules its operator allows "
+                    "(DISTILLERY_ALLOWED_SCORERS).")
+
 
 
 class ResourcesSpec(_Strict):

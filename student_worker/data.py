@@ -1,6 +1,16 @@
-"""Training data: JSONL prompt/response pairs, tokenized once, served in a deterministic order.
+"""Training data: rows from JSONL, Parquet or `datasets`, tokenized once, served in a deterministic order.
 
-Each line of a data file is a JSON object with the prompt and response fields named in the spec.
+    check_data(spec)                                  # before anything loads: sources, fields, references
+    train, evals = load_splits(spec.data, tokenizer)  # Example lists
+
+A row is plain (`prompt_field` text, optional `response_field` reference) or conversational
+(`messages_field`: [{role, content}, ...]; also a `prompt_field` holding messages): its prompt is
+every turn up to the last user turn, rendered with the student's chat template and its generation
+prompt, and the assistant turn after it, if any, is the reference. Rows without a reference are
+prompts only; what needs references (off-policy data batches, exact match and ROUGE-L) refuses a
+data set without them in `check_data`, naming the field. Sources: `sources.py`; templates and the
+teacher's: `chat.py`.
+
 Prompts longer than `max_prompt_tokens` keep their last tokens (the question usually ends there);
 responses keep their first `max_response_tokens`, then EOS when `append_eos` is set.
 
@@ -15,85 +25,172 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .config import DataSpec
+from .chat import Message, has_template, render, split_messages, teacher_template
+from .config import DataSpec, JobSpec
+from .sources import DataError, check_source, read_source
+from . import sources
+
+__all__ = ["DataError", "Example", "ShardedOrder", "check_data", "encode", "load_splits", "read_jsonl"]
 
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str
-    response: str
+    prompt: str | list[Message]  # the row's prompt: text, or the messages up to the last user turn
+    response: str | None  # the reference, or None for a prompt-only row
     prompt_ids: torch.Tensor  # int64 [P]
-    response_ids: torch.Tensor  # int64 [R]
+    response_ids: torch.Tensor | None  # int64 [R]; None without a reference
+    where: str = ""  # the row, for messages: file:line or "path [split] row i"
 
 
-class DataError(ValueError):
-    """A data file is missing, malformed, or too small for the job."""
+@dataclass(frozen=True)
+class Row:
+    where: str
+    prompt: str | list[Message]
+    response: str | None
+
+
+def parse_row(where: str, obj: dict[str, Any], spec: DataSpec) -> Row:
+    messages = obj.get(spec.messages_field)
+    if messages is None and isinstance(obj.get(spec.prompt_field), list):  # a prompt given as messages
+        messages = obj[spec.prompt_field]
+    if messages is not None:
+        prompt, reference = split_messages(messages, where)
+        response = obj.get(spec.response_field)
+        if isinstance(response, list):  # a completion given as messages: its first turn
+            response = response[0].get("content") if response and isinstance(response[0], dict) else None
+        if response is not None and not isinstance(response, str):
+            raise DataError(f"{where}: field {spec.response_field!r} is not a string")
+        return Row(where, prompt, response if response is not None else reference)
+    prompt, response = obj.get(spec.prompt_field), obj.get(spec.response_field)
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: field {spec.prompt_field!r} (data.prompt_field) missing or not a string, and no "
+                        f"{spec.messages_field!r} (data.messages_field)")
+    if response is not None and not isinstance(response, str):
+        raise DataError(f"{where}: field {spec.response_field!r} (data.response_field) is not a string")
+    return Row(where, prompt, response)
 
 
 def read_jsonl(path: str | Path, prompt_field: str, response_field: str) -> list[tuple[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object")
-            for key in (prompt_field, response_field):
-                if not isinstance(obj.get(key), str):
-                    raise DataError(f"{path}:{n}: field {key!r} missing or not a string")
-            rows.append((obj[prompt_field], obj[response_field]))
-    if not rows:
+    """(prompt, response) pairs of a JSONL file whose every row has both, as strings."""
+    pairs = []
+    for where, obj in sources.read_jsonl(path):
+        for key in (prompt_field, response_field):
+            if not isinstance(obj.get(key), str):
+                raise DataError(f"{where}: field {key!r} missing or not a string")
+        pairs.append((obj[prompt_field], obj[response_field]))
+    if not pairs:
         raise DataError(f"{path} holds no examples")
+    return pairs
+
+
+def _read(spec: DataSpec, field: str, path: str, split: str | None) -> list[Row]:
+    rows = [parse_row(where, obj, spec) for where, obj in read_source(spec, path, split)]
+    if not rows:
+        raise DataError(f"{field}: {path}{f' [{split}]' if split else ''} holds no rows")
     return rows
 
 
-def encode(tokenizer, prompt: str, response: str, spec: DataSpec) -> Example:
-    if spec.chat_template:
+def _read_splits(spec: DataSpec) -> tuple[list[Row], list[Row]]:
+    rows = _read(spec, "data.path", spec.path, spec.split)
+    if spec.eval_split is not None:
+        return rows, _read(spec, "data.eval_split", spec.path, spec.eval_split)
+    if spec.eval_path is not None:
+        return rows, _read(spec, "data.eval_path", spec.eval_path, None)
+    order = list(range(len(rows)))
+    random.Random(spec.split_seed).shuffle(order)
+    held = set(order[:int(len(rows) * spec.eval_fraction)])
+    train = [r for i, r in enumerate(rows) if i not in held]
+    if not train:
+        raise DataError(f"{spec.path}: nothing left to train on after holding out the eval split")
+    return train, [rows[i] for i in sorted(held)]
+
+
+# The rows check_data read, kept for the load_splits that follows it (one read of the data per job).
+_checked: dict[str, tuple[list[Row], list[Row]]] = {}
+
+
+def _key(spec: DataSpec) -> str:
+    stamps = [(p, s.st_mtime_ns, s.st_size) for p in (spec.path, spec.eval_path) if p and Path(p).is_file()
+              for s in (Path(p).stat(),)]
+    return spec.model_dump_json() + json.dumps(stamps)
+
+
+def read_splits(spec: DataSpec, *, keep: bool = False) -> tuple[list[Row], list[Row]]:
+    """(train, eval) rows; eval is `eval_split`, else `eval_path`, else an `eval_fraction` of `path`
+    chosen with `split_seed` (not the job's seed: runs of several seeds are then scored on the same
+    rows). `keep` holds them for the next call (check_data, then load_splits)."""
+    key = _key(spec)
+    rows = _checked.pop(key, None) or _read_splits(spec)
+    _checked.clear()
+    if keep:
+        _checked[key] = rows
+    return rows
+
+
+def check_data(spec: JobSpec) -> None:
+    """Check the job's data before anything loads, naming the spec field at fault: the sources, the
+    rows' fields, and references wherever the job needs them (off-policy data batches; exact match
+    and ROUGE-L when no eval.scorer replaces them); also the teacher's chat template where it must
+    be named (chat.teacher_template)."""
+    d = spec.data
+    check_source(d, "data.path", d.path)
+    if d.eval_path is not None:
+        check_source(d, "data.eval_path", d.eval_path)
+    train, evals = read_splits(d, keep=True)
+    ref = (f"a {d.response_field!r} field (data.response_field) or an assistant turn after the last user turn "
+           f"of {d.messages_field!r} (data.messages_field)")
+    dist = spec.distill
+    missing = sum(r.response is None for r in train)
+    if dist.on_policy_fraction < 1 and dist.off_policy_source == "data" and missing:
+        raise DataError(
+            f"distill.on_policy_fraction {dist.on_policy_fraction} < 1 with off_policy_source data trains on the "
+            f"data's reference responses, but {missing} of {len(train)} training rows have none ({ref}; first: "
+            f"{next(r.where for r in train if r.response is None)}). Give every row a reference, or set "
+            f"distill.on_policy_fraction 1 or distill.off_policy_source teacher")
+    scored = evals[:spec.eval.max_samples]
+    missing = sum(r.response is None for r in scored)
+    if spec.eval.enabled and spec.eval.scorer is None and missing:
+        raise DataError(
+            f"eval scores exact match and ROUGE-L against references, but {missing} of the {len(scored)} eval rows "
+            f"have none ({ref}; first: {next(r.where for r in scored if r.response is None)}). Add references, "
+            f"set eval.scorer, or set eval.enabled false")
+    if any(isinstance(r.prompt, list) for r in train + evals) or d.chat_template:
+        teacher_template(spec)  # a served teacher's template must be named
+
+
+def encode(tokenizer, prompt: str | list[Message], response: str | None, spec: DataSpec, where: str = "") -> Example:
+    if isinstance(prompt, list) or spec.chat_template:
         # Rendered to text, then encoded without adding special tokens (the template writes its
         # own): the same ids whatever apply_chat_template(tokenize=True) returns in this version.
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+        prompt_ids = tokenizer(render(tokenizer, prompt), add_special_tokens=False).input_ids
     else:
         prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids
-    response_ids = tokenizer(response, add_special_tokens=False).input_ids[:spec.max_response_tokens]
-    if spec.append_eos and tokenizer.eos_token_id is not None:
-        response_ids = response_ids[:spec.max_response_tokens - 1] + [tokenizer.eos_token_id]
     prompt_ids = prompt_ids[-spec.max_prompt_tokens:]
     if not prompt_ids:
-        raise DataError(f"prompt {prompt[:40]!r} encodes to no tokens")
-    return Example(prompt, response, torch.tensor(prompt_ids, dtype=torch.long),
-                   torch.tensor(response_ids, dtype=torch.long))
+        raise DataError(f"{where or 'a row'}: the prompt {str(prompt)[:40]!r} encodes to no tokens")
+    response_ids = None
+    if response is not None:
+        ids = tokenizer(response, add_special_tokens=False).input_ids[:spec.max_response_tokens]
+        if spec.append_eos and tokenizer.eos_token_id is not None:
+            ids = ids[:spec.max_response_tokens - 1] + [tokenizer.eos_token_id]
+        response_ids = torch.tensor(ids, dtype=torch.long)
+    return Example(prompt, response, torch.tensor(prompt_ids, dtype=torch.long), response_ids, where)
 
 
 def load_splits(spec: DataSpec, tokenizer) -> tuple[list[Example], list[Example]]:
-    """(train, eval) examples; eval is `eval_path`, else an `eval_fraction` of `path` chosen with
-    `split_seed` (not the job's seed: runs of several seeds are then scored on the same rows)."""
-    rows = read_jsonl(spec.path, spec.prompt_field, spec.response_field)
-    if spec.eval_path:
-        eval_rows = read_jsonl(spec.eval_path, spec.prompt_field, spec.response_field)
-    else:
-        order = list(range(len(rows)))
-        random.Random(spec.split_seed).shuffle(order)
-        n_eval = int(len(rows) * spec.eval_fraction)
-        held = set(order[:n_eval])
-        eval_rows = [rows[i] for i in sorted(held)]
-        rows = [r for i, r in enumerate(rows) if i not in held]
-    if not rows:
-        raise DataError(f"{spec.path}: nothing left to train on after holding out the eval split")
-    train = [encode(tokenizer, p, r, spec) for p, r in rows]
-    evals = [encode(tokenizer, p, r, spec) for p, r in eval_rows]
-    return train, evals
+    """(train, eval) examples of `read_splits`, tokenized."""
+    train, evals = read_splits(spec)
+    templated = spec.chat_template or any(isinstance(r.prompt, list) for r in train + evals)
+    if templated and not has_template(tokenizer):
+        why = "data.chat_template is set" if spec.chat_template else "the data has conversational rows"
+        raise DataError(f"{why}, but the student's tokenizer has no chat template: save one with it "
+                        f"(chat_template.jinja beside tokenizer_config.json)")
+    return ([encode(tokenizer, r.prompt, r.response, spec, r.where) for r in train],
+            [encode(tokenizer, r.prompt, r.response, spec, r.where) for r in evals])
 
 
 class ShardedOrder:
@@ -140,17 +237,51 @@ def arithmetic_rows(n: int, seed: int = 0, max_operand: int = 99) -> list[dict[s
     return rows
 
 
+def as_chat(row: dict[str, str], system: str = "Answer with the sum.") -> dict[str, Any]:
+    """An arithmetic row as a conversation: a system prompt, one worked exchange, the question and
+    (when the row has one) its answer."""
+    turns = [{"role": "system", "content": system}, {"role": "user", "content": "1 + 1 ="},
+             {"role": "assistant", "content": "2"}, {"role": "user", "content": row["prompt"]}]
+    if row.get("response") is not None:
+        turns.append({"role": "assistant", "content": row["response"].strip()})
+    return {"messages": turns}
+
+
+def write_rows(out: Path, rows: list[dict[str, Any]], eval_rows: list[dict[str, Any]]) -> None:
+    """rows to OUT by its form: *.jsonl, *.parquet, else a save_to_disk directory whose splits are
+    train (rows) and test (eval_rows)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".jsonl":
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif out.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), out)
+    else:
+        datasets = sources._datasets()
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
+                              "test": datasets.Dataset.from_list(eval_rows)}).save_to_disk(str(out))
+
+
 def main() -> None:
-    """python -m student_worker.data OUT.jsonl [--n 256] [--seed 0]: write arithmetic rows."""
+    """python -m student_worker.data OUT [--n 256] [--seed 0] [--chat] [--prompts-only]: write
+    arithmetic rows as OUT.jsonl, OUT.parquet, or a save_to_disk directory (splits train and test)."""
     import argparse
 
-    p = argparse.ArgumentParser(description="Write a small arithmetic JSONL data set.")
-    p.add_argument("out", type=Path)
-    p.add_argument("--n", type=int, default=256)
+    p = argparse.ArgumentParser(description="Write a small arithmetic data set (JSONL, Parquet or save_to_disk).")
+    p.add_argument("out", type=Path, help="*.jsonl, *.parquet, or a directory for save_to_disk (train + test)")
+    p.add_argument("--n", type=int, default=256, help="training rows (the test split gets n / 8)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="conversational rows (messages) with a system prompt")
+    p.add_argument("--prompts-only", action="store_true", help="no reference responses")
     a = p.parse_args()
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(a.n, a.seed)))
+    rows = arithmetic_rows(a.n + max(1, a.n // 8), a.seed)
+    if a.prompts_only:
+        rows = [{"prompt": r["prompt"]} for r in rows]
+    if a.chat:
+        rows = [as_chat(r) for r in rows]
+    write_rows(a.out, rows[:a.n], rows[a.n:])
     print(a.out)
 
 

@@ -1,17 +1,26 @@
-"""Held-out evaluation: greedy decoding scored against the reference responses.
+"""Held-out evaluation: greedy decoding scored against the references, and by a user's scorer.
 
     results = evaluate_models(student, teacher, eval_examples, tokenizer, spec.eval, eos_id)
-    # {"student": {"n": 64, "exact_match": 0.12, "rouge_l": 0.47, "samples": [...]},
+    # {"student": {"n": 64, "exact_match": 0.12, "rouge_l": 0.47, "score": 0.3, "samples": [...]},
     #  "teacher": {...}}
 
 Decoding is greedy (temperature 0) through the same sampling loop as rollouts and the teacher
 server, so student and teacher answers differ only by their weights. Predictions are decoded
 with `skip_special_tokens=True` and compared to the reference *text* (`Example.response`), so
-the EOS that ends a reference's ids never counts against a prediction.
+the EOS that ends a reference's ids never counts against a prediction. Exact match and ROUGE-L
+are None when an eval row has no reference (data.check_data allows that only with a scorer).
+
+`eval.scorer` ("module:function") is called as f(prompt, completion, reference) per example:
+prompt is the row's prompt (text, or its messages up to the last user turn), completion the
+decoded prediction, reference the reference text or None. It returns a float (averaged as
+`score`) or a dict of floats (each averaged as `score/<key>`); anything else, or an exception,
+fails the eval with a ScorerError naming the function and the row.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -24,6 +33,41 @@ from .config import EvalSpec
 from .data import Example
 
 GenerateFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+Scorer = Callable[[Any, str, "str | None"], "float | dict[str, float]"]
+
+
+class ScorerError(ValueError):
+    """eval.scorer cannot be imported, raised, or returned something other than numbers."""
+
+
+def load_scorer(path: str) -> Scorer:
+    """The function `path` ("package.module:function") names, imported."""
+    module_name, _, name = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the module's own import-time errors too
+        raise ScorerError(f"eval.scorer {path}: cannot import {module_name} ({type(exc).__name__}: {exc})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ScorerError(f"eval.scorer {path}: {module_name} has no function {name!r}")
+    return fn
+
+
+def _score(scorer: Scorer, name: str, ex: Example, pred: str) -> dict[str, float]:
+    """One call of the scorer, as metric name -> value."""
+    try:
+        value = scorer(ex.prompt, pred, ex.response)
+    except Exception as exc:
+        raise ScorerError(f"eval.scorer {name} raised {type(exc).__name__}: {exc} (on {ex.where or 'an eval row'})") \
+            from exc
+    items = value.items() if isinstance(value, dict) else [(None, value)]
+    out = {}
+    for key, v in items:
+        if not isinstance(v, (int, float)) or not math.isfinite(v):  # a bool counts as 0 or 1
+            raise ScorerError(f"eval.scorer {name} returned {v!r}{f' for {key!r}' if key is not None else ''} on "
+                              f"{ex.where or 'an eval row'}: it must return a finite float or a dict of them")
+        out["score" if key is None else f"score/{key}"] = float(v)
+    return out
 
 
 def normalize(text: str) -> str:
@@ -65,29 +109,32 @@ def rouge_l(pred: str, ref: str) -> float:
 @dataclass
 class EvalResult:
     n: int  # examples scored
-    exact_match: float  # mean over examples, in [0, 1]
-    rouge_l: float  # mean ROUGE-L F1 over examples, in [0, 1]
-    samples: list[dict[str, str]] = field(default_factory=list)  # first few {prompt, reference, prediction}
+    exact_match: float | None  # mean over examples, in [0, 1]; None when a row has no reference
+    rouge_l: float | None  # mean ROUGE-L F1 over examples, in [0, 1]; None likewise
+    scores: dict[str, float] = field(default_factory=dict)  # the scorer's means: score or score/<key>
+    samples: list[dict[str, Any]] = field(default_factory=list)  # first few {prompt, reference, prediction}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "exact_match": self.exact_match, "rouge_l": self.rouge_l,
+        return {"n": self.n, "exact_match": self.exact_match, "rouge_l": self.rouge_l, **self.scores,
                 "samples": [dict(s) for s in self.samples]}
 
 
 def evaluate(generate_fn: GenerateFn, examples: Sequence[Example], tokenizer, *, batch_size: int,
-             max_samples: int, num_samples_kept: int = 4) -> EvalResult:
+             max_samples: int, num_samples_kept: int = 4, scorer: str | None = None) -> EvalResult:
     """Decode the first `max_samples` examples' prompts in batches and score them.
 
     `generate_fn` maps a batch of prompt ids (int64 [P] each) to the generated ids of each
     prompt (int64 [n] each, prompt excluded). The first `num_samples_kept` predictions are kept
-    as samples for a human to read.
+    as samples for a human to read. `scorer` is an eval.scorer path (module docstring).
     """
     if batch_size < 1 or max_samples < 1:
         raise ValueError(f"batch_size and max_samples must be >= 1, got {batch_size} and {max_samples}")
     chosen = list(examples[:max_samples])
     if not chosen:
         raise ValueError("no eval examples to evaluate")
-    em_total, rouge_total, samples = 0.0, 0.0, []
+    referenced = all(ex.response is not None for ex in chosen)
+    fn = load_scorer(scorer) if scorer is not None else None
+    em_total, rouge_total, totals, samples = 0.0, 0.0, {}, []
     for start in range(0, len(chosen), batch_size):
         batch = chosen[start:start + batch_size]
         outputs = generate_fn([ex.prompt_ids for ex in batch])
@@ -95,12 +142,23 @@ def evaluate(generate_fn: GenerateFn, examples: Sequence[Example], tokenizer, *,
             raise ValueError(f"generate_fn returned {len(outputs)} outputs for {len(batch)} prompts")
         for ex, ids in zip(batch, outputs):
             pred = tokenizer.decode(torch.as_tensor(ids).tolist(), skip_special_tokens=True)
-            em_total += exact_match(pred, ex.response)
-            rouge_total += rouge_l(pred, ex.response)
+            if referenced:
+                em_total += exact_match(pred, ex.response)
+                rouge_total += rouge_l(pred, ex.response)
+            sample: dict[str, Any] = {"prompt": ex.prompt, "reference": ex.response, "prediction": pred}
+            if fn is not None:
+                scores = _score(fn, scorer, ex, pred)
+                if totals and scores.keys() != totals.keys():
+                    raise ScorerError(f"eval.scorer {scorer} returned {sorted(scores)} on {ex.where or 'an eval row'} "
+                                      f"but {sorted(totals)} before: it must return the same keys every time")
+                totals = {k: totals.get(k, 0.0) + v for k, v in scores.items()}
+                sample["scores"] = scores
             if len(samples) < num_samples_kept:
-                samples.append({"prompt": ex.prompt, "reference": ex.response, "prediction": pred})
+                samples.append(sample)
     n = len(chosen)
-    return EvalResult(n=n, exact_match=em_total / n, rouge_l=rouge_total / n, samples=samples)
+    return EvalResult(n=n, exact_match=em_total / n if referenced else None,
+                      rouge_l=rouge_total / n if referenced else None,
+                      scores={k: v / n for k, v in totals.items()}, samples=samples)
 
 
 def _greedy(max_new_tokens: int, eos_id: int | None) -> SamplingParams:
@@ -148,5 +206,5 @@ def evaluate_models(student: torch.nn.Module, teacher: Teacher | None, examples:
     if spec.teacher and teacher is not None:
         gens["teacher"] = teacher_generator(teacher, max_new_tokens=spec.max_new_tokens, eos_id=eos_id)
     return {name: evaluate(fn, examples, tokenizer, batch_size=spec.batch_size,
-                           max_samples=spec.max_samples).as_dict()
+                           max_samples=spec.max_samples, scorer=spec.scorer).as_dict()
             for name, fn in gens.items()}

@@ -83,11 +83,11 @@ SECTIONS: dict[str, str] = {
     "student": "The model being trained.",
     "teacher": "Where the teacher runs: exactly one of endpoints, local_model, ray_actor.",
     "teacher.ray_actor": "Teacher servers started in the Ray cluster for this job.",
-    "data": "Training and eval data (JSONL).",
+    "data": "Training and eval rows: JSONL, Parquet, save_to_disk or load_dataset; plain or conversational.",
     "warmup": "Warmup-Distill: DPO on (student sample, teacher-corrected sample) pairs before KD.",
     "distill": "The KD stage: the divergence, on-policy sampling, the optimizer and its schedule.",
     "checkpoint": "The run directory and how often it is written.",
-    "eval": "Exact match and ROUGE-L of greedy decodes on the eval rows.",
+    "eval": "Exact match and ROUGE-L of greedy decodes on the eval rows, and an optional scorer of your own.",
     "resources": "Workers, devices and fault tolerance of the Ray job.",
     "tracking": "Where metrics go besides the events: TensorBoard, MLflow, Weights & Biases (rank 0 only).",
 }
@@ -100,9 +100,10 @@ NOTES = """\
   to `distill.min_lr_ratio` × lr (default 0.1) at `distill.steps`. Warmup-Distill has no warm-up
   and the same cosine from `warmup.lr` to `distill.min_lr_ratio` × `warmup.lr`. For a constant
   LR set `distill.warmup_steps: 0` and `distill.min_lr_ratio: 1`.
-- **Eval rows**: `data.eval_path` when given, else a seeded `data.eval_fraction` of `data.path`
-  (held out from training, chosen with `seed`); the first `eval.max_samples` of them are decoded
-  greedily for at most `eval.max_new_tokens` tokens.
+- **Eval rows**: `data.eval_split` of the same source when given, else `data.eval_path`, else a
+  seeded `data.eval_fraction` of `data.path` (held out from training, chosen with
+  `data.split_seed`); the first `eval.max_samples` of them are decoded greedily for at most
+  `eval.max_new_tokens` tokens.
 - **Exact match** compares the decoded prediction with the reference response after dropping
   leading and trailing whitespace and making every inner run of whitespace one space; case and
   punctuation count. ROUGE-L is over whitespace-separated words.

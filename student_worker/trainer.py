@@ -51,8 +51,9 @@ from . import warmup as warmup_mod
 from .checkpoint import CheckpointManager, CheckpointRef, write_text_atomic
 from .config import JobSpec, TeacherSpec, check_teacher_length, resume_changes
 from .distributed import Comm
-from .data import Example, ShardedOrder, load_splits
-from .eval import evaluate_models
+from .chat import check_teacher_template
+from .data import Example, ShardedOrder, check_data, load_splits
+from .eval import evaluate_models, load_scorer
 from .losses import token_divergence
 from .rollout import mismatch_metrics, sample_responses, score_batch, student_logits, teacher_responses
 
@@ -74,7 +75,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 def check_inputs(spec: JobSpec) -> None:
     """Check every local input of the job before anything loads, naming the spec field at fault:
     model directories (config.json, safetensors weights; the student's tokenizer too) and data
-    files. A path is always a path here: nothing is ever looked up on a model hub."""
+    sources and rows (data.check_data), and that an eval.scorer imports. A path is always a path
+    here: nothing is ever looked up on a model hub."""
     dirs = [("student.model", spec.student.model, True)]
     if spec.teacher.local_model:
         dirs.append(("teacher.local_model", spec.teacher.local_model, False))
@@ -86,9 +88,9 @@ def check_inputs(spec: JobSpec) -> None:
         if needs_tokenizer and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
             raise ValueError(f"{field}: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
                              f"save the tokenizer beside the weights")
-    for field, path in (("data.path", spec.data.path), ("data.eval_path", spec.data.eval_path)):
-        if path is not None and not Path(path).is_file():
-            raise ValueError(f"{field}: {path} is not a file")
+    if spec.eval.enabled and spec.eval.scorer is not None:
+        load_scorer(spec.eval.scorer)
+    check_data(spec)
 
 
 def build_teacher(spec: TeacherSpec, on_unavailable: Callable[[str], None] | None = None) -> Teacher:
@@ -193,6 +195,7 @@ class Trainer:
                               tokenizer_fingerprint(self.tokenizer))
         check_teacher_length(spec, info.max_sequence_length)
         self.train_set, self.eval_set = load_splits(spec.data, self.tokenizer)
+        check_teacher_template(spec, self.tokenizer, self.train_set + self.eval_set)
         self.order = ShardedOrder(len(self.train_set), spec.distill.batch_size, rank=self.rank,
                                   world=self.world, seed=spec.seed)
         self.pairs: list[warmup_mod.PreferencePair] = []
@@ -380,7 +383,7 @@ class Trainer:
         distill_step = self.step if point == "distill" else 0
         self._emit({"stage": "eval", "point": point, "distill_step": distill_step,
                     "step": 0 if point == "before" else warmup_steps + distill_step,
-                    "n": result["n"], "exact_match": result["exact_match"], "rouge_l": result["rouge_l"]})
+                    **{k: v for k, v in result.items() if k != "samples"}})
 
     def _advance(self, stage: str) -> None:
         """Stage boundary: fresh optimizer for the next stage, and a checkpoint."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from student_worker.config import JobSpec
-from student_worker.data import arithmetic_rows
+from student_worker.data import arithmetic_rows, as_chat
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +44,32 @@ def spec_factory(teacher: Path, student: Path, data: Path, run_dir: Path):
         return JobSpec.model_validate(doc)
 
     return make
+
+
+# A small chat template written with the tiny tokenizer's own special tokens (<s>, </s>).
+CHAT_TEMPLATE = Path(__file__).parents[2] / "examples" / "tiny_chat_template.jinja"
+
+
+@pytest.fixture(scope="session")
+def chat_models(tiny_llama, tiny_student, tmp_path_factory) -> tuple[Path, Path]:
+    """(teacher, student): the tiny models with CHAT_TEMPLATE saved beside their tokenizers."""
+    import shutil
+
+    out = []
+    for name, src in (("teacher", tiny_llama), ("student", tiny_student)):
+        dst = tmp_path_factory.mktemp(f"chat-{name}") / name
+        shutil.copytree(src, dst)
+        shutil.copy(CHAT_TEMPLATE, dst / "chat_template.jinja")  # transformers reads it with the tokenizer
+        out.append(dst)
+    return out[0], out[1]
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory) -> Path:
+    """Conversational arithmetic: a system prompt, an earlier exchange, a question, its answer."""
+    path = tmp_path_factory.mktemp("chat-data") / "train.jsonl"
+    path.write_text("".join(json.dumps(as_chat(r)) + "\n" for r in arithmetic_rows(40, seed=0)))
+    return path
 
 
 @pytest.fixture
