@@ -129,7 +129,7 @@ def main() -> None:
         return len(out[0].token_ids)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(Path(tmp) / "bench-teacher", family="llama", vocab_size=args.vocab,
+        model = build_model(Path(tmp) / "bench-teacher", family="llama", tokenizer_vocab=args.vocab,
                             hidden=args.hidden, layers=args.layers, heads=args.heads,
                             max_positions=max(512, 2 * args.seq_len))
         local = LocalTeacher.from_model_dir(str(model), device=args.device, dtype=args.dtype)

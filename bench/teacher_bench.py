@@ -150,7 +150,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model_dir or build_model(
-            Path(tmp) / "bench-teacher", family="llama", vocab_size=args.vocab, hidden=args.hidden,
+            Path(tmp) / "bench-teacher", family="llama", tokenizer_vocab=args.vocab, hidden=args.hidden,
             layers=args.layers, heads=args.heads, max_positions=max(512, args.seq_len * 2))
         local = LocalTeacher.from_model_dir(str(model), device=args.device, dtype=args.dtype)
         info = local.info()

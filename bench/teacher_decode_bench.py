@@ -275,7 +275,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         if args.model_dir is None:
-            args.model_dir = build_model(Path(tmp) / "model", family="llama", vocab_size=args.vocab,
+            args.model_dir = build_model(Path(tmp) / "model", family="llama", tokenizer_vocab=args.vocab,
                                          hidden=args.hidden, layers=args.layers, heads=args.heads,
                                          max_positions=max(1024, args.prompt_len + args.new_tokens))
         return measure(args)

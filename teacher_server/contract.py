@@ -56,19 +56,24 @@ class TeacherInfo:
     engine: str = ""  # the engine and its version, e.g. "transformers 5.24.0", "vllm 0.32.0"
 
     def check_compatible(self, vocab_size: int, tokenizer_fingerprint: str) -> None:
-        """Raise `TeacherMismatch` naming both sides unless the student can learn from this teacher."""
-        problems = []
-        if vocab_size != self.vocab_size:
-            problems.append(f"vocab size: teacher {self.vocab_size}, student {vocab_size}")
+        """Raise `TeacherMismatch` naming both sides unless the student can learn from this teacher.
+
+        Tokenizers are compared, by fingerprint, not logit widths: models of one family pad their
+        output rows differently (152064 and 151936 rows for one tokenizer of 151665 tokens).
+        `vocab_size` is the student's vocabulary (its tokenizer's tokens). The teacher must score
+        every one of them; ids it has beyond them (padding rows an engine did not cut) are dropped
+        by the student before any loss sees them."""
         if tokenizer_fingerprint != self.tokenizer_fingerprint:
-            problems.append(
-                f"tokenizer fingerprint: teacher {self.tokenizer_fingerprint[:16] or '<none>'}, "
-                f"student {tokenizer_fingerprint[:16] or '<none>'}"
-            )
-        if problems:
             raise TeacherMismatch(
-                f"teacher {self.model_name!r} cannot teach this student (" + "; ".join(problems) + ")"
-            )
+                f"teacher {self.model_name!r} cannot teach this student: their tokenizers differ "
+                f"(tokenizer fingerprint: teacher {self.tokenizer_fingerprint or '<none>'}, "
+                f"student {tokenizer_fingerprint or '<none>'}; vocabularies: teacher {self.vocab_size}, "
+                f"student {vocab_size} tokens)")
+        if self.vocab_size < vocab_size:
+            raise TeacherMismatch(
+                f"teacher {self.model_name!r} cannot teach this student: one tokenizer (fingerprint "
+                f"{tokenizer_fingerprint}), but the teacher scores {self.vocab_size} token ids and the "
+                f"student's vocabulary has {vocab_size}")
 
 
 @dataclass(frozen=True)

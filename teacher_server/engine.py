@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .model_dirs import check_model_dir, has_tokenizer, resolve_model
 from .sampling import generate, head_logits, outside_logmass, pad, temper
 from .contract import (
     Generation,
@@ -45,7 +46,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EngineConfig:
     """How to load and run the teacher. Server-side only: nothing here comes from a request."""
 
-    model_dir: str
+    model_dir: str  # a directory, or a hub id found in the hub cache (model_dirs.resolve_model)
+    revision: str | None = None  # of a hub id: branch, tag or commit (default main)
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"
     dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
     compile: bool = False  # torch.compile the decoder
@@ -66,26 +68,34 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def load_tokenizer_fingerprint(model_dir: str | Path) -> str:
-    """Fingerprint of the tokenizer saved in `model_dir`, or "" when it has none."""
+def load_tokenizer_facts(model_dir: str | Path) -> tuple[str, int | None]:
+    """(fingerprint, number of tokens) of the tokenizer saved in `model_dir`; ("", None) without one."""
     from transformers import AutoTokenizer
 
-    has_tokenizer = any((Path(model_dir) / f).exists()
-                        for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    if not has_tokenizer:
-        return ""
-    return tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True))
+    if not has_tokenizer(model_dir):
+        return "", None
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    return tokenizer_fingerprint(tokenizer), len(tokenizer)
 
 
-def check_model_dir(model_dir: str | Path) -> Path:
-    """The directory must exist and hold safetensors weights; pickled weights are never loaded."""
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    if not any(path.glob("*.safetensors")):
-        raise ValueError(f"{path} has no *.safetensors weights; Distillery loads safetensors only "
-                         "(convert pickled .bin checkpoints first)")
-    return path
+def load_tokenizer_fingerprint(model_dir: str | Path) -> str:
+    """Fingerprint of the tokenizer saved in `model_dir`, or "" when it has none."""
+    return load_tokenizer_facts(model_dir)[0]
+
+
+def trim_vocab(model: torch.nn.Module, tokenizer_size: int | None) -> int:
+    """Cut the embedding and output rows past the tokenizer's vocabulary, in place; returns the
+    vocabulary the model now has. Checkpoints often pad these rows (a 151936- or 152064-row head for
+    a tokenizer of 151665 tokens) and no token ever maps to them, so their logits are noise: scores
+    and samples are over the tokenizer's tokens only. The teacher is never saved, so it is cut; the
+    student keeps its shape and has its logits sliced instead (student_worker.vocab)."""
+    rows = int(model.get_output_embeddings().weight.shape[0])
+    if tokenizer_size is None or tokenizer_size >= rows:
+        return rows
+    log.info("output head has %d rows for a tokenizer of %d tokens: the padding rows are dropped",
+             rows, tokenizer_size)
+    model.resize_token_embeddings(tokenizer_size, mean_resizing=False)
+    return tokenizer_size
 
 
 class TeacherEngine:
@@ -115,12 +125,15 @@ class TeacherEngine:
 
         if config.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
-        path = check_model_dir(config.model_dir)
+        resolved = resolve_model(config.model_dir, config.revision)
+        path = check_model_dir(resolved.path)
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=DTYPES[config.dtype], use_safetensors=True,
             trust_remote_code=config.trust_remote_code, local_files_only=True,
-        ).to(config.device)
-        return cls(model, config, load_tokenizer_fingerprint(path), name=path.resolve().name)
+        )
+        fingerprint, tokenizer_size = load_tokenizer_facts(path)
+        trim_vocab(model, tokenizer_size)
+        return cls(model.to(config.device), config, fingerprint, name=resolved.hub_id or path.resolve().name)
 
     # ------------------------------------------------------------------ facts
     @property

@@ -31,7 +31,10 @@ def corpus(n_lines: int = 2000, seed: int = 0) -> list[str]:
 
 
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
-    """Train a byte-level BPE on `corpus()` and save it as a transformers fast tokenizer."""
+    """Train a byte-level BPE on `corpus()` and save it as a transformers fast tokenizer of
+    `vocab_size` tokens. The corpus holds about 2,000 merges; past them the vocabulary is filled
+    with reserved tokens (`<reserved_i>`), as large real vocabularies are, so a model of any
+    vocabulary has a tokenizer covering every row (engines score over the tokenizer's tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -42,6 +45,8 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(corpus(seed=seed), trainer=trainer)
+    if tok.get_vocab_size() < vocab_size:
+        tok.add_tokens([f"<reserved_{i}>" for i in range(vocab_size - tok.get_vocab_size())])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>")
     fast.save_pretrained(str(out_dir))
@@ -64,8 +69,9 @@ def build_model(
 ) -> Path:
     """Save a seeded random-weight model (safetensors) plus tokenizer into `out_dir`.
 
-    `vocab_size` defaults to the tokenizer's size; a larger value pads the embedding, as real
-    checkpoints often do.
+    `vocab_size` defaults to the tokenizer's size; a larger value pads the embedding past the
+    tokenizer, as real checkpoints often do (engines drop those rows: for a model with a large
+    vocabulary, give `tokenizer_vocab` instead).
     """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config

@@ -230,11 +230,16 @@ def test_non_finite_losses_skip_steps_then_fail_the_run(make_spec, monkeypatch):
 def test_a_teacher_with_another_tokenizer_is_refused(make_spec, tmp_path):
     from teacher_server.tiny import build_model
 
+    from teacher_server.engine import load_tokenizer_fingerprint
+
     other = build_model(tmp_path / "other", hidden=32, layers=1, heads=2, tokenizer_vocab=300)
     spec = make_spec(teacher={"local_model": str(other)})
     trainer = Trainer(spec, LocalTeacher.from_model_dir(str(other)))
-    with pytest.raises(TeacherMismatch, match="vocab size: teacher 300, student 512"):
+    with pytest.raises(TeacherMismatch, match="tokenizers differ") as err:
         trainer.setup()
+    # Both fingerprints in full (tokenizers are compared, not logit widths).
+    assert load_tokenizer_fingerprint(other) in str(err.value)
+    assert load_tokenizer_fingerprint(spec.student.model) in str(err.value)
 
 
 def test_train_cli_runs_a_spec_file(make_spec, tmp_path):
