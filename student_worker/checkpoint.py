@@ -3,7 +3,9 @@
 Layout under `<run dir>/checkpoints/`:
 
     <stage>-<step:08d>/            a model directory AutoModelForCausalLM and AutoTokenizer load
-        config.json, model.safetensors, generation_config.json   weights (safetensors)
+        config.json, model.safetensors, generation_config.json   weights (safetensors), or for a
+                                   LoRA student adapter_model.safetensors + adapter_config.json
+                                   (the adapters only; `distillery export-merged` folds them in)
         tokenizer.json, tokenizer_config.json, ...               the student's tokenizer
         state.pt                   optimizer, scheduler, RNG, data position, counters
                                    (plain tensors and containers: loaded with weights_only=True)
@@ -92,7 +94,8 @@ class CheckpointManager:
     def save(self, model: torch.nn.Module, state: dict[str, Any], spec_json: str, *, stage: str,
              step: int, tokenizer: Any = None) -> CheckpointRef:
         """Write one checkpoint atomically and move `latest` to it; prune old ones. With
-        `tokenizer`, its files are saved beside the weights."""
+        `tokenizer`, its files are saved beside the weights. A peft wrapper (a LoRA student)
+        saves its adapters only."""
         self.root.mkdir(parents=True, exist_ok=True)
         for d in (self.root.parent, self.root):
             d.chmod(DIR_MODE)
@@ -100,7 +103,12 @@ class CheckpointManager:
         final = self.root / name
         tmp = self.root / f".{name}.{uuid.uuid4().hex}.tmp"
         tmp.mkdir()
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        from .lora import is_adapted, save_adapters
+
+        if is_adapted(model):
+            save_adapters(model, tmp)
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         torch.save(state, tmp / "state.pt")

@@ -18,6 +18,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from teacher_server.model_dirs import check_revision
+
 LossName = Literal["fkl", "rkl", "skew_fkl", "skew_rkl", "jsd", "tvd", "akl"]
 
 
@@ -28,14 +30,55 @@ class _Strict(BaseModel):
 Precision = Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"]
 
 
+# A branch, tag or commit of a hub id; `_no_dotdot` also refuses "..", as the path of a refs/ file.
+REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_./-]*$"
+
+
+def _no_dotdot(value: str | None) -> str | None:
+    if value is not None:
+        check_revision(value)
+    return value
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, ge=1, le=4096, description="Rank of each adapter (PEFT's r).")
+    alpha: float = Field(32.0, gt=0, le=1e6, description="The adapters' update is scaled by alpha / r "
+                                                         "(PEFT's lora_alpha).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, max_length=64,
+        description="Modules that get adapters, by the last part of their names (q_proj, up_proj, ...), or "
+                    "[all-linear] for every linear layer but the output head (PEFT's target_modules).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input (PEFT's lora_dropout).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, names: list[str]) -> list[str]:
+        bad = [n for n in names if not re.match(r"^[A-Za-z0-9_.-]{1,128}$", n)]
+        if bad:
+            raise ValueError(f"student.lora.target_modules: {bad[0][:60]!r} is not a module name")
+        if "all-linear" in names and len(names) > 1:
+            raise ValueError("student.lora.target_modules: all-linear stands alone")
+        return names
+
+
 class StudentSpec(_Strict):
-    model: str = Field(description="Local model directory of the student (config.json + safetensors).")
+    model: str = Field(description="The student: a local model directory (config.json, safetensors weights, "
+                                   "tokenizer), or a hub id org/name found in the hub cache (docs/training.md, "
+                                   "Models).")
+    revision: str | None = Field(None, max_length=128, pattern=REVISION_PATTERN,
+                                 description="Branch, tag or commit of a hub id `model` (default main).")
+    _revision = field_validator("revision")(_no_dotdot)
     precision: Precision = Field(
         "fp32", description="fp32: everything in float32. bf16-mixed / fp16-mixed: float32 master weights and "
                             "optimizer state, forwards (sampling, student, DPO reference, eval) under bf16 / fp16 "
                             "autocast, log-softmax and losses in float32; fp16 adds a gradient scaler. bf16-true: "
                             "bfloat16 weights and optimizer state (half the memory; small updates round away).")
     device: str = Field("cpu", max_length=32, description="cpu, cuda or cuda:N (Ray sets it per worker).")
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters on the frozen model instead of every "
+                                                    "weight; checkpoints hold the adapters (needs the peft extra).")
+    gradient_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in the "
+                                         "backward instead of keeping them: less memory, one more forward of "
+                                         "compute; the same losses and gradients.")
 
     @model_validator(mode="before")
     @classmethod
@@ -48,7 +91,11 @@ class StudentSpec(_Strict):
 
 
 class TeacherActorSpec(_Strict):
-    model: str = Field(description="Teacher model directory, readable from the Ray nodes.")
+    model: str = Field(description="Teacher model directory readable from the Ray nodes, or a hub id in "
+                                   "their hub cache.")
+    revision: str | None = Field(None, max_length=128, pattern=REVISION_PATTERN,
+                                 description="Branch, tag or commit of a hub id `model` (default main).")
+    _revision = field_validator("revision")(_no_dotdot)
     replicas: int = Field(1, ge=1, le=64, description="Teacher servers started as Ray actors.")
     num_cpus: float = Field(1.0, gt=0, le=256, description="CPUs reserved per replica.")
     num_gpus: float = Field(0.0, ge=0, le=16, description="GPUs reserved per replica.")
@@ -64,7 +111,11 @@ ENDPOINT = re.compile(r"^(dns:///)?(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-
 class TeacherSpec(_Strict):
     endpoints: list[str] = Field(default_factory=list, max_length=64,
                                  description="host:port of running teacher servers, used round-robin.")
-    local_model: str | None = Field(None, description="Run this teacher model in-process instead.")
+    local_model: str | None = Field(None, description="Run this teacher model in-process instead: a directory "
+                                                      "or a hub id in the hub cache.")
+    revision: str | None = Field(None, max_length=128, pattern=REVISION_PATTERN,
+                                 description="Branch, tag or commit of a hub id `local_model` (default main).")
+    _revision = field_validator("revision")(_no_dotdot)
     ray_actor: TeacherActorSpec | None = Field(
         None, description="Start the teacher inside the Ray cluster, as gRPC servers in Ray actors.")
     timeout_s: float = Field(120.0, gt=0, le=3600, description="Deadline of one teacher call, seconds.")
@@ -97,6 +148,8 @@ class TeacherSpec(_Strict):
         if sum(map(bool, (self.endpoints, self.local_model, self.ray_actor))) != 1:
             raise ValueError("teacher needs exactly one of `endpoints` (running servers), `local_model` "
                              "(in-process) or `ray_actor` (started in the Ray cluster)")
+        if self.revision is not None and not self.local_model:
+            raise ValueError("teacher.revision is the revision of local_model (ray_actor has its own)")
         return self
 
 
@@ -329,6 +382,10 @@ class JobSpec(_Strict):
             raise ValueError("warmup.rule teacher_prob compares a probability: threshold must be in (0, 1)")
         if self.warmup.rule == "prob_diff" and not -1 < self.warmup.threshold < 1:
             raise ValueError("warmup.rule prob_diff compares probabilities: threshold must be in (-1, 1)")
+        if self.student.lora is not None and self.resources.strategy == "fsdp":
+            raise ValueError("student.lora with resources.strategy fsdp is not supported: adapters are small and "
+                             "the frozen base is not trained, so use ddp (each worker holds the base once, "
+                             "gradients and optimizer state are the adapters' only)")
         if self.student.precision == "fp16-mixed" and self.resources.strategy == "fsdp":
             raise ValueError("student.precision fp16-mixed needs a gradient scaler that sees every rank's "
                              "gradients; with resources.strategy fsdp use bf16-mixed")
@@ -373,10 +430,13 @@ def check_teacher_length(spec: JobSpec, teacher_limit: int) -> None:
 
 
 # Fields that may change between a checkpoint and the run resuming from it: where things run and
-# how often the run reports, never what it computes. Prefixes of dotted field paths.
+# how often the run reports, never what it computes. Prefixes of dotted field paths. A renamed
+# student.revision is safe because the trainer refuses a checkpoint whose saved student commit
+# differs from the one the revision now resolves to.
 RESUME_SAFE = (
     "name", "log_every", "eval.", "tracking.", "checkpoint.dir", "checkpoint.every_steps", "checkpoint.keep_last",
-    "student.device", "teacher.", "resources.max_failures", "resources.storage_path",
+    "student.device", "student.gradient_checkpointing", "student.revision", "teacher.", "resources.max_failures",
+    "resources.storage_path",
     "resources.check_replicas_every", "resources.strategy", "resources.cpus_per_worker",
     "resources.gpus_per_worker",
 )

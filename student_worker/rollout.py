@@ -102,7 +102,7 @@ def student_logits(model: torch.nn.Module, batch: KDBatch) -> torch.Tensor:
     from the hidden state at prompt_len + j - 1)."""
     device = next(model.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits  # [B, L, V]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, L, V]; no KV cache kept
     r = batch.response_ids.shape[1]
     pos = (batch.prompt_lens[:, None] - 1 + torch.arange(r)[None, :]).clamp_max(ids.shape[1] - 1)
     return logits.gather(1, pos.to(device)[..., None].expand(-1, -1, logits.shape[-1]))

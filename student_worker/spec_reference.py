@@ -23,6 +23,9 @@ from .config import JobSpec
 UNITS: dict[str, str] = {
     "seed": "",
     "log_every": "optimizer steps",
+    "student.lora.r": "rank",
+    "student.lora.alpha": "",
+    "student.lora.dropout": "probability",
     "teacher.timeout_s": "seconds",
     "teacher.unavailable_timeout_s": "seconds",
     "teacher.ray_actor.replicas": "replicas",
@@ -82,6 +85,7 @@ UNITS: dict[str, str] = {
 SECTIONS: dict[str, str] = {
     "student": "The model being trained.",
     "teacher": "Where the teacher runs: exactly one of endpoints, local_model, ray_actor.",
+    "student.lora": "LoRA adapters trained on the frozen student (the peft extra).",
     "teacher.ray_actor": "Teacher servers started in the Ray cluster for this job.",
     "data": "Training and eval rows: JSONL, Parquet, save_to_disk or load_dataset; plain or conversational.",
     "warmup": "Warmup-Distill: DPO on (student sample, teacher-corrected sample) pairs before KD.",

@@ -24,7 +24,7 @@ class TeacherReplica:
         spec = TeacherActorSpec.model_validate_json(spec_json)
         self.host, self.port = host, port
         self.server = TeacherServer(ServerConfig(
-            engine=EngineConfig(model_dir=spec.model, device=spec.device, dtype=spec.dtype),
+            engine=EngineConfig(model_dir=spec.model, revision=spec.revision, device=spec.device, dtype=spec.dtype),
             host=host, port=port, drain_delay_s=0.0, grace_s=5.0))
         self.server.start()
         self.server.load()

@@ -24,6 +24,11 @@ Precision (`student.precision`): the weights and AdamW state stay float32 under 
 settings; the student's forwards (sampling, the training forward, the DPO reference, eval) run
 under autocast, the log-softmax and losses in float32; fp16 scales the loss (GradScaler).
 
+The student (`models.py`): `student.model` is a directory or a hub id in the hub cache; its logits
+are cut to its tokenizer's tokens, and teacher ids past them are dropped before a loss sees them.
+With `student.lora` only the adapters train and are saved (`lora.py`), and Warmup-Distill's DPO
+reference is the same model with the adapters off.
+
 Ranks are data-parallel: with `resources.strategy` ddp each holds the whole student and gradients
 are averaged by hand (`distributed.py`); with fsdp the student is sharded over them (`fsdp.py`).
 Every collective goes through `self.comm`, on the device its process group serves.
@@ -31,7 +36,9 @@ Every collective goes through `self.comm`, on the device its process group serve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -44,7 +51,8 @@ from typing import Any, Callable
 import torch
 
 from teacher_server.contract import Teacher
-from teacher_server.engine import check_model_dir, tokenizer_fingerprint
+from teacher_server.engine import tokenizer_fingerprint
+from teacher_server.model_dirs import check_model_dir, resolve_model
 
 from . import fsdp
 from . import warmup as warmup_mod
@@ -55,6 +63,7 @@ from .chat import check_teacher_template
 from .data import Example, ShardedOrder, check_data, load_splits
 from .eval import evaluate_models, load_scorer
 from .losses import token_divergence
+from .models import Student, build_student, load_student, restrict_teacher, slice_vocab
 from .rollout import mismatch_metrics, sample_responses, score_batch, student_logits, teacher_responses
 
 log = logging.getLogger(__name__)
@@ -75,19 +84,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 def check_inputs(spec: JobSpec) -> None:
     """Check every local input of the job before anything loads, naming the spec field at fault:
     model directories (config.json, safetensors weights; the student's tokenizer too) and data
-    sources and rows (data.check_data), and that an eval.scorer imports. A path is always a path
-    here: nothing is ever looked up on a model hub."""
-    dirs = [("student.model", spec.student.model, True)]
+    sources and rows (data.check_data), and that an eval.scorer imports. A hub id is found in the
+    hub cache, and downloaded into it first only where downloads are allowed
+    (teacher_server.model_dirs)."""
+    dirs = [("student.model", spec.student.model, spec.student.revision, True)]
     if spec.teacher.local_model:
-        dirs.append(("teacher.local_model", spec.teacher.local_model, False))
-    for field, path, needs_tokenizer in dirs:
+        dirs.append(("teacher.local_model", spec.teacher.local_model, spec.teacher.revision, False))
+    for field, ref, revision, needs_tokenizer in dirs:
         try:
-            check_model_dir(path)
+            path = check_model_dir(resolve_model(ref, revision).path)
         except (FileNotFoundError, ValueError) as exc:
             raise ValueError(f"{field}: {exc}") from None
         if needs_tokenizer and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
             raise ValueError(f"{field}: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
                              f"save the tokenizer beside the weights")
+    if spec.student.lora is not None and importlib.util.find_spec("peft") is None:
+        raise ValueError("student.lora: LoRA students need the peft package: pip install 'distillery[peft]'")
     if spec.eval.enabled and spec.eval.scorer is not None:
         load_scorer(spec.eval.scorer)
     check_data(spec)
@@ -103,7 +115,7 @@ def build_teacher(spec: TeacherSpec, on_unavailable: Callable[[str], None] | Non
     if spec.local_model:
         from teacher_server.local import LocalTeacher
 
-        return LocalTeacher.from_model_dir(spec.local_model)
+        return LocalTeacher.from_model_dir(spec.local_model, revision=spec.revision)
     from teacher_server.client import TeacherClient
 
     token = os.environ.get(spec.token_env) if spec.token_env else None
@@ -123,17 +135,6 @@ def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return f
-
-
-def load_student(path: str | Path, precision: str, device: str) -> torch.nn.Module:
-    """The student's weights: float32 masters unless `precision` is bf16-true."""
-    from transformers import AutoModelForCausalLM
-
-    check_model_dir(path)
-    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, use_safetensors=True, trust_remote_code=False, local_files_only=True)
-    return model.to(device)
 
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
@@ -180,19 +181,25 @@ class Trainer:
 
         spec = self.spec
         check_inputs(spec)
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.student.model, local_files_only=True)
+        self.student_ref = resolve_model(spec.student.model, spec.student.revision)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.student_ref.path), local_files_only=True)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.eos_id = self.tokenizer.eos_token_id
         ref = resume_from or self.ckpt.latest_valid()
         if ref is not None:
             self._check_resumable(ref)
-        self.model = load_student(ref.path if ref else spec.student.model, spec.student.precision,
-                                  "cpu" if self.sharded else spec.student.device)
+        else:  # dropout (LoRA's, a model's own) draws from the global RNG: seeded here, restored on resume
+            torch.manual_seed(step_seed(spec.seed, "torch", self.rank))
+        # Full weights from the checkpoint, or (LoRA) the base from student.model plus its adapters.
+        self.student: Student = build_student(
+            spec.student, self.student_ref.path, tokenizer_size=len(self.tokenizer), seed=spec.seed,
+            device="cpu" if self.sharded else spec.student.device, checkpoint=ref.path if ref else None)
+        self.model = self.student.model
         if self.sharded:  # each rank keeps its shard, on its device
             self.model = fsdp.shard(self.model, spec.student.device, self.comm.group)
         info = self.teacher.info()
-        info.check_compatible(int(self.model.get_output_embeddings().weight.shape[0]),
-                              tokenizer_fingerprint(self.tokenizer))
+        info.check_compatible(self.student.vocab_size, tokenizer_fingerprint(self.tokenizer))
+        self.teacher_vocab = info.vocab_size
         check_teacher_length(spec, info.max_sequence_length)
         self.train_set, self.eval_set = load_splits(spec.data, self.tokenizer)
         check_teacher_template(spec, self.tokenizer, self.train_set + self.eval_set)
@@ -201,6 +208,7 @@ class Trainer:
         self.pairs: list[warmup_mod.PreferencePair] = []
         self.pair_order: ShardedOrder | None = None
         self.reference: torch.nn.Module | None = None
+        self.reference_ctx: Callable[[], AbstractContextManager] = nullcontext
         if ref is not None:
             self.load(ref)
         self._new_optimizer()
@@ -233,7 +241,7 @@ class Trainer:
     def _new_optimizer(self) -> None:
         d = self.spec.distill
         s = self._stage_spec()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, weight_decay=d.weight_decay)
+        self.optimizer = torch.optim.AdamW(self._trainable(), lr=s.lr, weight_decay=d.weight_decay)
         warm = d.warmup_steps if self.stage == "distill" else 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(warm, s.steps, d.min_lr_ratio))
@@ -251,12 +259,14 @@ class Trainer:
             "counters": {"non_finite_streak": self.non_finite_streak,
                          "non_finite_total": self.non_finite_total},
             "timing": self.timing,
+            "student_commit": self.student_ref.commit,  # the hub snapshot of student.model, if one
         }
 
     def save(self) -> CheckpointRef | None:
         """A save point: rank 0 writes the checkpoint; every rank tells `on_checkpoint`."""
         ref = None
-        model, optimizer_state = self.model, None
+        model = self.student.adapters if self.student.adapters is not None else self.model  # LoRA: adapters only
+        optimizer_state = None
         if self.sharded:  # a collective: every rank gathers, rank 0 receives the full copies
             model, optimizer_state = fsdp.full_checkpoint(self.model, self.optimizer)
         if self.is_main:
@@ -273,6 +283,11 @@ class Trainer:
     def load(self, ref: CheckpointRef) -> None:
         """Counters and positions from `ref` (weights were loaded from it by setup)."""
         state = self.ckpt.load_state(ref)
+        saved_commit = state.get("student_commit")
+        if saved_commit and self.student_ref.commit and saved_commit != self.student_ref.commit:
+            raise ValueError(f"checkpoint {ref.path} was trained from {self.spec.student.model} at commit "
+                             f"{saved_commit}, which now resolves to {self.student_ref.commit}: pin "
+                             f"student.revision: {saved_commit} to resume it")
         self.stage, self.step = state["stage"], int(state["step"])
         self.order.load_state_dict(state["order"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -425,12 +440,12 @@ class Trainer:
         if finite:
             if not self.sharded:  # FSDP averaged them in the backward
                 t0 = time.perf_counter()
-                self.comm.average_gradients(list(self.model.parameters()))
+                self.comm.average_gradients(self._trainable())
                 reduce_s = time.perf_counter() - t0
             if self.scaler is not None:  # after the average, so every rank sees the same infs
                 self.scaler.unscale_(self.optimizer)
             if self.spec.distill.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.distill.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self._trainable(), self.spec.distill.grad_clip)
             stepped = True
             if self.scaler is not None:  # skips the update itself when a gradient overflowed
                 scale = self.scaler.get_scale()
@@ -471,9 +486,11 @@ class Trainer:
                 responses, sampled = self._responses(examples, prompts, seed)
             on_policy += sampled
             t1 = time.perf_counter()
-            batches.append(score_batch(self.teacher, prompts, responses, top_k=d.top_k,
-                                       temperature=d.temperature, full_logprobs=d.full_logprobs,
-                                       pad_id=self.pad_id))
+            batch = score_batch(self.teacher, prompts, responses, top_k=d.top_k, temperature=d.temperature,
+                                full_logprobs=d.full_logprobs, pad_id=self.pad_id)
+            if self.teacher_vocab > self.student.vocab_size:  # ids past the student's tokens never reach a loss
+                batch = dataclasses.replace(batch, teacher=restrict_teacher(batch.teacher, self.student.vocab_size))
+            batches.append(batch)
             times["generate_s"] += t1 - t0
             times["teacher_s"] += time.perf_counter() - t1
         tokens = sum(b.num_response_tokens for b in batches)
@@ -525,15 +542,21 @@ class Trainer:
     # ------------------------------------------------------------------ warmup
     def _run_warmup(self) -> None:
         w = self.spec.warmup
-        self.reference = warmup_mod.frozen_copy(load_student(self.spec.student.model, self.spec.student.precision,
-                                                             self.spec.student.device))
+        if self.student.adapters is not None:  # the base itself with the adapters off: no second copy
+            self.reference, self.reference_ctx = self.model, self.student.adapters.disable_adapter
+        else:
+            base = load_student(self.student_ref.path, self.spec.student.precision, self.spec.student.device)
+            slice_vocab(base, len(self.tokenizer))
+            self.reference = warmup_mod.frozen_copy(base)
         # Pairs come from the frozen initial student, so a resumed warmup rebuilds the same ones.
         prompt_order = ShardedOrder(len(self.train_set), max(1, w.prompts // self.world), rank=self.rank,
                                     world=self.world, seed=self.spec.seed + 1)
         prompts = [self.train_set[i].prompt_ids for i in prompt_order.next_batch()]
-        self.pairs, stats = warmup_mod.build_pairs(self.reference, self.teacher, prompts, w,
-                                                   eos_id=self.eos_id, seed=step_seed(self.spec.seed, "pairs", self.rank),
-                                                   compute=self._compute)
+        with self.reference_ctx():
+            self.pairs, stats = warmup_mod.build_pairs(
+                self.reference, self.teacher, prompts, w, eos_id=self.eos_id,
+                seed=step_seed(self.spec.seed, "pairs", self.rank), compute=self._compute,
+                vocab_size=self.student.vocab_size)
         self._emit({"stage": "warmup", "step": self.step, "event": "pairs", **stats.as_dict()})
         if self.comm.sum_int(len(self.pairs)) == 0:
             log.warning("warmup built no pairs (nothing flagged); skipping the warmup stage")
@@ -549,7 +572,8 @@ class Trainer:
                 batch = [self.pairs[i] for i in self.pair_order.next_batch()]
                 with self._compute():
                     loss, metrics = warmup_mod.preference_loss(self.model, self.reference, batch, w,
-                                                               pad_id=self.pad_id)
+                                                               pad_id=self.pad_id,
+                                                               reference_context=self.reference_ctx)
             else:
                 loss, metrics = self._zero_loss(), {"loss": 0.0}
             self._backward(loss)
@@ -559,7 +583,11 @@ class Trainer:
             self._emit({"stage": "warmup", "step": self.step, "skipped": not took,
                         "lr": self.scheduler.get_last_lr()[0], "step_s": time.perf_counter() - t0, **metrics})
             self._maybe_checkpoint()
-        self.reference = None
+        self.reference, self.reference_ctx = None, nullcontext
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates: all of them, or a LoRA student's adapters."""
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _zero_loss(self) -> torch.Tensor:
         """A loss with zero gradients for a rank without pairs; under fsdp through a forward, so

@@ -9,6 +9,10 @@ Knowledge Distillation" (arXiv 2502.11766); docs/training.md. One warmup stage o
         loss, metrics = preference_loss(student, reference, batch, spec, pad_id=pad)
         loss.backward(); optimizer.step(); optimizer.zero_grad()
 
+The reference is the student before warmup. For a LoRA student that is its base, so it is the
+student itself with the adapters off (`reference=student`, `reference_context=
+adapters.disable_adapter`; pairs are built inside that context too): no second copy in memory.
+
 `build_pairs`, per prompt x:
   1. the student samples n = spec.samples_per_prompt responses y (temperature
      spec.sample_temperature, at most spec.max_new_tokens, stopping at EOS);
@@ -163,6 +167,7 @@ def build_pairs(
     eos_id: int,
     seed: int,
     compute: Callable[[], AbstractContextManager] = nullcontext,
+    vocab_size: int | None = None,
 ) -> tuple[list[PreferencePair], PairStats]:
     """Warmup-Distill pairs for `prompts` (int64 [len] each, non-empty); see the module docstring.
 
@@ -172,6 +177,8 @@ def build_pairs(
     spec.sample_temperature and stop at EOS; their budget is what is left of spec.max_new_tokens
     (also capped by the teacher's max sequence length), none when the replacement is EOS.
     `compute` wraps the student's own forwards (the trainer's autocast under mixed precision).
+    `vocab_size`: the student's vocabulary; a teacher id past it (padding rows the teacher's engine
+    kept) is never a replacement.
     """
     prompts = [_as_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
     info = teacher.info()
@@ -200,7 +207,10 @@ def build_pairs(
         if t is None:
             continue
         gen = torch.Generator().manual_seed(_stream_seed(seed, "replace", i))
-        token = replacement_token(s.topk_ids[t], s.topk_logprobs[t], int(y[t]), spec.replacement, gen)
+        top_lp = s.topk_logprobs[t]
+        if vocab_size is not None:
+            top_lp = top_lp.masked_fill(s.topk_ids[t] >= vocab_size, float("-inf"))
+        token = replacement_token(s.topk_ids[t], top_lp, int(y[t]), spec.replacement, gen)
         heads[i] = (t, torch.cat([y[:t], torch.tensor([token])]))
 
     budgets = {i: 0 if int(head[-1]) == eos_id else
@@ -341,7 +351,7 @@ def response_token_logprobs(model: nn.Module, prompts: Sequence[Tensor], respons
         mask[i, :len(r)] = True
         pos[i] = (len(p) - 1 + torch.arange(rmax)).clamp_max(width - 1)
     ids, attention, labels, mask, pos = (t.to(device) for t in (ids, attention, labels, mask, pos))
-    logits = model(input_ids=ids, attention_mask=attention).logits  # [B, L, V]
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # [B, L, V]
     x = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1]))  # [B, R, V]
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     picked = x.gather(-1, labels[..., None])[..., 0]
@@ -355,12 +365,13 @@ def preference_loss(
     spec: WarmupSpec,
     *,
     pad_id: int,
+    reference_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[Tensor, dict[str, float]]:
     """Preference loss of one batch of pairs, plus spec.sft_weight × the chosen NLL per token.
 
     Chosen and rejected go through the policy (with grad) as one right-padded batch of 2B
-    sequences, and through the frozen reference (no grad) likewise; π and π_ref are summed
-    response log-probs. spec.loss:
+    sequences, and through the frozen reference (no grad, inside `reference_context()`) likewise;
+    π and π_ref are summed response log-probs. spec.loss:
         dpo    -(1-ε) log σ(β h) - ε log σ(-β h),  h = (π_c - ref_c) - (π_r - ref_r)
         simpo  -log σ(β π_c/|y_c| - β π_r/|y_r| - γ)   (no reference; not evaluated)
         hinge  max(0, 1 - β h)
@@ -382,7 +393,7 @@ def preference_loss(
         pref, rewards = simpo_loss(chosen, rejected, lengths[:b], lengths[b:], beta=spec.beta,
                                    gamma=spec.simpo_gamma)
     else:
-        with torch.no_grad():
+        with torch.no_grad(), reference_context():
             ref_logps, _ = response_token_logprobs(reference, prompts, responses, pad_id=pad_id)
         ref = ref_logps.sum(-1).to(seq.device)
         if spec.loss == "dpo":
