@@ -19,6 +19,7 @@ from services.settings import Settings
 from services.store import TERMINAL, Job, JobStore, TransitionRefused
 from student_worker.config import LOAD_DATASET_BUILDERS, JobSpec
 from teacher_server.health import serving
+from teacher_server.model_dirs import ModelNotCached, is_hub_id, resolve_model
 
 from services.protocol import (
     _clean_errors,
@@ -150,6 +151,7 @@ class JobService:
         self.data = PathPolicy(settings.data_roots, "DISTILLERY_DATA_ROOTS", "data")
         self.runs = PathPolicy((settings.runs_dir,), "DISTILLERY_RUNS_DIR", "run")
         self.teacher_endpoint = settings.teacher_endpoint
+        self.hub_cache, self.allow_downloads = settings.hub_cache, settings.allow_downloads
         self.allowed_scorers = settings.allowed_scorers
 
     def accept(self, raw: bytes) -> JobSpec:
@@ -162,11 +164,12 @@ class JobService:
             errors = exc.errors(include_url=False, include_context=False, include_input=False)
             raise InvalidSpec("the job spec does not validate", _clean_errors(list(errors))) from None
         s, t, d, res = spec.student, spec.teacher, spec.data, spec.resources
-        s.model = self.models.resolve("student.model", s.model)
+        s.model, s.revision = self.model_ref("student", "model", s.model, s.revision)
         if t.local_model is not None:
-            t.local_model = self.models.resolve("teacher.local_model", t.local_model)
+            t.local_model, t.revision = self.model_ref("teacher", "local_model", t.local_model, t.revision)
         if t.ray_actor is not None:
-            t.ray_actor.model = self.models.resolve("teacher.ray_actor.model", t.ray_actor.model)
+            a = t.ray_actor
+            a.model, a.revision = self.model_ref("teacher.ray_actor", "model", a.model, a.revision)
         if t.chat_template is not None:
             t.chat_template = self.models.resolve("teacher.chat_template", t.chat_template)
         if not (d.path in LOAD_DATASET_BUILDERS and d.format in ("auto", "load_dataset")):  # else a builder name
@@ -191,6 +194,33 @@ class JobService:
             raise UnsafeSpec("teacher.token_env must name a variable starting with DISTILLERY_TEACHER_TOKEN "
                              "(its value is sent to the teacher endpoints)")
         return spec
+
+    def model_ref(self, section: str, name: str, raw: str, revision: str | None) -> tuple[str, str | None]:
+        """A model reference from a request, and its revision: a path inside the model roots
+        (resolved), or a hub id (kept) when the hub cache lies inside them. A hub id the cache
+        holds is pinned to the commit it holds, so every attempt of the job trains the same
+        weights; one it lacks is accepted only when downloads are allowed."""
+        field = f"{section}.{name}"
+        local = self.models.resolve(field, raw)  # refused untouched when outside; relative: in the first root
+        if not is_hub_id(raw) or os.path.isdir(local):
+            if revision is not None:
+                raise InvalidSpec(f"{section}.revision applies to hub ids (org/name); {field} {raw[:200]!r} "
+                                  "is a path")
+            return local, None
+        try:
+            self.models.resolve(field, self.hub_cache)
+        except PathRefused:
+            raise PathRefused(f"{field} {raw!r} is a hub id, found through the hub cache {self.hub_cache}, which is "
+                              f"outside the model roots: the operator puts the cache inside one (HF_HUB_CACHE or "
+                              f"HF_HOME) or adds it to DISTILLERY_MODEL_ROOTS") from None
+        try:
+            found = resolve_model(raw, revision, allow_downloads=False, cache_dir=self.hub_cache)
+        except ModelNotCached as exc:
+            if self.allow_downloads:
+                return raw, revision
+            raise PathRefused(f"{field}: {exc}") from None
+        self.models.resolve(field, str(found.path))  # a snapshot linked out of the roots is refused
+        return raw, found.commit
 
     def submit(self, raw: bytes, idempotency_key: str | None) -> tuple[Job, bool]:
         spec = self.accept(raw)

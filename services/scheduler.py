@@ -46,6 +46,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import ValidationError
 
 from student_worker.config import JobSpec
+from teacher_server.model_dirs import ALLOW_DOWNLOADS_ENV
 
 from .admission import wait_reason
 from .leases import LeaseKeeper
@@ -124,6 +125,11 @@ class Scheduler:
     def _renew_until(self, stop: threading.Event) -> None:
         while not stop.wait(self.settings.lease_s / 6):
             self.leases.renew_due()
+
+    def _job_env(self) -> dict[str, str]:
+        """The Ray job's environment: the downloads switch follows the service's (off by default),
+        whatever the Ray nodes' own environment says."""
+        return {**JOB_ENV, ALLOW_DOWNLOADS_ENV: "1" if self.settings.allow_downloads else "0"}
 
     def tick(self, stop: threading.Event | None = None) -> None:
         """One pass; `stop` set means no new claims. Held jobs are stepped before claiming, so an
@@ -277,7 +283,7 @@ class Scheduler:
             return
         if self.ray.status(held.ray_id) is None:  # a retried submission Ray already took is kept
             try:
-                self.ray.submit(held.ray_id, self._entrypoint(held), env_vars=JOB_ENV,
+                self.ray.submit(held.ray_id, self._entrypoint(held), env_vars=self._job_env(),
                                 metadata={"distillery_job_id": held.job_id, "distillery_attempt": str(held.attempt)})
             except RuntimeError as exc:
                 held.submit_errors += 1

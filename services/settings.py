@@ -9,6 +9,8 @@
 | DISTILLERY_API_KEYS | (none) | comma-separated bearer keys accepted by the API |
 | DISTILLERY_MODEL_ROOTS | (none) | comma-separated directories model paths must resolve inside |
 | DISTILLERY_DATA_ROOTS | (none) | comma-separated directories data paths must resolve inside |
+| DISTILLERY_ALLOW_DOWNLOADS | 0 | 1: a hub id missing from the hub cache is accepted and the job's workers download it; 0: refused at submit (also passed to the Ray jobs) |
+| HF_HUB_CACHE, HF_HOME | ~/.cache/huggingface/hub | the hub cache hub ids resolve through; it must lie inside a model root |
 | DISTILLERY_ALLOWED_SCORERS | (none) | comma-separated module prefixes an `eval.scorer` may name (it runs in the workers); none: refused |
 | DISTILLERY_RUNS_DIR | runs | where each job's run directory (checkpoints, events) is created |
 | DISTILLERY_RAY_ADDRESS | http://127.0.0.1:8265 | Ray dashboard / Jobs API the scheduler submits to |
@@ -30,12 +32,14 @@ import socket
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from teacher_server.model_dirs import downloads_allowed, hub_cache_dir
+
 ENV_NAMES = (
     "REDIS_URL", "DISTILLERY_REDIS_PREFIX", "DISTILLERY_API_HOST", "DISTILLERY_API_PORT",
     "DISTILLERY_API_KEYS", "DISTILLERY_MODEL_ROOTS", "DISTILLERY_DATA_ROOTS", "DISTILLERY_RUNS_DIR",
     "DISTILLERY_RAY_ADDRESS", "DISTILLERY_TEACHER_ENDPOINT", "DISTILLERY_MAX_BODY_BYTES", "DISTILLERY_LEASE_S",
     "DISTILLERY_SCHEDULER_ID", "DISTILLERY_EVENTS_MAX", "DISTILLERY_API_URL", "DISTILLERY_API_KEY",
-    "DISTILLERY_MAX_RUNNING_JOBS", "DISTILLERY_CLUSTER_AUTOSCALES", "DISTILLERY_ALLOWED_SCORERS",
+    "DISTILLERY_MAX_RUNNING_JOBS", "DISTILLERY_CLUSTER_AUTOSCALES", "DISTILLERY_ALLOW_DOWNLOADS", "DISTILLERY_ALLOWED_SCORERS",
 )
 
 
@@ -52,6 +56,8 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     model_roots: tuple[str, ...] = ()
     data_roots: tuple[str, ...] = ()
+    allow_downloads: bool = False
+    hub_cache: str = field(default_factory=lambda: str(hub_cache_dir()))
     allowed_scorers: tuple[str, ...] = ()
     runs_dir: str = "runs"
     ray_address: str = "http://127.0.0.1:8265"
@@ -77,6 +83,8 @@ class Settings:
             api_keys=_list(e.get("DISTILLERY_API_KEYS")),
             model_roots=_list(e.get("DISTILLERY_MODEL_ROOTS")),
             data_roots=_list(e.get("DISTILLERY_DATA_ROOTS")),
+            allow_downloads=downloads_allowed(e),
+            hub_cache=str(hub_cache_dir(e)),
             allowed_scorers=_list(e.get("DISTILLERY_ALLOWED_SCORERS")),
             runs_dir=e.get("DISTILLERY_RUNS_DIR", d.runs_dir),
             ray_address=e.get("DISTILLERY_RAY_ADDRESS", d.ray_address),
