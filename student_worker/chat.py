@@ -84,14 +84,23 @@ def teacher_template(spec: JobSpec) -> tuple[str | None, str]:
         if template is None:
             raise DataError(f"teacher.chat_template: the tokenizer in {t.chat_template} has no chat template")
         return template, f"teacher.chat_template {t.chat_template}"
-    model = t.local_model or (t.ray_actor.model if t.ray_actor is not None else None)
-    if model is None:
+    if t.local_model:
+        model, revision = t.local_model, t.revision
+    elif t.ray_actor is not None:
+        model, revision = t.ray_actor.model, t.ray_actor.revision
+    else:
         raise DataError(
             "teacher.chat_template: the prompts are rendered with the student's chat template, and a served "
             "teacher (teacher.endpoints) sends no template to check that against: set teacher.chat_template to "
             "the teacher's template (a Jinja file or its tokenizer directory), or to the student model directory "
             "if the teacher uses the student's template")
-    return _template_of(model), f"the teacher model directory {model}"
+    from teacher_server.model_dirs import resolve_model
+
+    try:  # a hub id: its directory in the hub cache
+        path = resolve_model(model, revision).path
+    except (FileNotFoundError, ValueError) as exc:
+        raise DataError(f"the teacher's chat template: {exc}") from None
+    return _template_of(str(path)), f"the teacher model directory {model}"
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:

@@ -2,8 +2,8 @@
 
     rows = read_source(spec, spec.path, spec.split)   # [(where, {column: value}), ...]
 
-Every source is local. `load_dataset` runs offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE are set
-before `datasets` is imported) and may name only a local directory, or one of the text builders in
+Every source is local. `load_dataset` runs offline (HF_DATASETS_OFFLINE is set before `datasets`
+is imported, and its config after) and may name only a local directory, or one of the text builders in
 `LOAD_DATASET_BUILDERS` reading local `data_files`: nothing is ever downloaded, and no builder
 that unpickles (pandas) can be named. Only the columns the spec names are read.
 `where` tells a person which row a message is about: `file:line` for JSONL, `path [split] row i`
@@ -105,9 +105,9 @@ def _read_parquet(spec: DataSpec, path: str) -> list[Row]:
 
 
 def _datasets():
-    """`datasets`, imported offline: it never reaches a hub from a Distillery process."""
+    """`datasets`, imported offline: it never reaches a hub from a Distillery process. Only its own
+    switch is set: HF_HUB_OFFLINE would also stop the model downloads `distillery train` allows."""
     os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
     import datasets
 
     datasets.config.HF_HUB_OFFLINE = True

@@ -180,6 +180,7 @@ def test_a_teacher_template_is_checked_against_the_students_ids(files, tok, chat
     served = {"endpoints": ["127.0.0.1:50051"]}
     check_teacher_template(_job(files["jsonl"], {**served, "chat_template": str(same_ids)}), tok, examples)
     check_teacher_template(_job(files["jsonl"], {"local_model": str(chat_models[0])}), tok, examples)
+    check_teacher_template(_job(files["jsonl"], {"ray_actor": {"model": str(chat_models[0])}}), tok, examples)
     with pytest.raises(DataError, match=r"other.jinja\) renders the prompt of .*rows.jsonl:3 into other token ids "
                                         r"than the student's template: they first differ at token 7 \(student "
                                         r"'\\nBe brief', teacher ': Be brief'\)"):
