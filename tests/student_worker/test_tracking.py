@@ -297,6 +297,10 @@ def test_real_wandb_offline(make_spec, monkeypatch):
     play(open_tracker(spec, job_id="job-4"))
     run_id = json.loads((run_dir / "tracking.json").read_text())["wandb_run_id"]
     (data,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    keys = (b"distill/loss", b"distill/step", b"warmup/pairs/pairs", b"final/eval/student/exact_match")
+    deadline = time.monotonic() + 15  # W&B's own service process writes the file; give it time to land
+    while not all(k in data.read_bytes() for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.2)
     raw = data.read_bytes()  # W&B's own record format; the history keys are stored as text
-    for key in (b"distill/loss", b"distill/step", b"warmup/pairs/pairs", b"final/eval/student/exact_match"):
+    for key in keys:
         assert key in raw, key
