@@ -8,6 +8,8 @@
 #   CUDA: docker build -f deploy/services.Dockerfile -t distillery-services:gpu \
 #           --build-arg RAY_IMAGE=rayproject/ray:2.60.0-py311-gpu \
 #           --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+# SERVICES_EXTRAS names the package extras the workers need (default peft, for LoRA students; add
+# mlflow and wandb for those trackers: --build-arg SERVICES_EXTRAS=peft,mlflow,wandb).
 # BuildKit sends only what services.Dockerfile.dockerignore lets through.
 ARG RAY_IMAGE=rayproject/ray:2.60.0-py311-cpu
 FROM ${RAY_IMAGE}
@@ -16,6 +18,7 @@ FROM ${RAY_IMAGE}
 # whose own `torch` range keeps the build already there. Non-editable: the image has no work tree.
 ARG TORCH_REQUIREMENT=torch==2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG SERVICES_EXTRAS=peft
 
 # Mount points (/runs is written by every node; a named volume copies this ownership) and the
 # build directory, made by root and handed to the Ray user.
@@ -38,7 +41,9 @@ COPY --chown=1000:100 pyproject.toml README.md ./
 COPY --chown=1000:100 teacher_server ./teacher_server
 COPY --chown=1000:100 student_worker ./student_worker
 COPY --chown=1000:100 services ./services
-RUN pip install --no-cache-dir . && rm -rf /tmp/distillery-src
+# DL3013: the extras' versions are pinned in pyproject.toml, which hadolint cannot see.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".${SERVICES_EXTRAS:+[$SERVICES_EXTRAS]}" && rm -rf /tmp/distillery-src
 WORKDIR /home/ray
 
 COPY --chown=1000:100 deploy/healthcheck.py /home/ray/healthcheck.py

@@ -218,12 +218,22 @@ def load_student(source: RunResult | Job | str | Path, *, device: str = "cpu",
                  dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The trained student as a transformers model (eval mode, on `device`, in `dtype`, else the
     dtype it was saved in) and its tokenizer, from a run's final checkpoint (or any checkpoint
-    directory). Weights load from safetensors only and no code from the directory runs."""
+    directory). A LoRA checkpoint's adapters are folded into its base (float32 unless `dtype`).
+    Weights load from safetensors only and no code from the directory runs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from student_worker.config import JobSpec
+    from student_worker.lora import merged_student
+
     path = checkpoint_of(source)
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False,
-                                                 local_files_only=True, **kwargs)
+    spec_file = path / "spec.json"
+    spec = JobSpec.model_validate_json(spec_file.read_text()) if spec_file.is_file() else None
+    if spec is not None and spec.student.lora is not None:  # adapters only: folded into their base
+        model = merged_student(path, spec)
+        model = model.to(dtype) if dtype is not None else model
+    else:
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=False,
+                                                     local_files_only=True, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     return model.to(device).eval(), tokenizer

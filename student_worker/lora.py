@@ -151,11 +151,23 @@ def _merge(ref: CheckpointRef, spec: JobSpec, out: Path, dtype: str | None) -> N
 
     from teacher_server.model_dirs import resolve_model
 
-    from .models import load_student
-
+    merged = merged_student(ref.path, spec)
     base = resolve_model(spec.student.model, spec.student.revision).path
-    adapters = add_adapters(load_student(base, "fp32", "cpu"), spec.student.lora, seed=spec.seed)
-    load_adapters(adapters, ref.path)
-    merged = adapters.merge_and_unload()
     merged.to(DTYPES[dtype or _stored_dtype(base)]).save_pretrained(str(out), safe_serialization=True)
     AutoTokenizer.from_pretrained(str(ref.path), local_files_only=True).save_pretrained(str(out))
+
+
+def merged_student(checkpoint: Path, spec: JobSpec | None = None) -> nn.Module:
+    """The student of a LoRA checkpoint with its adapters folded into the weights (float32, CPU):
+    its base (the spec's `student.model` at its revision) with the checkpoint's adapters."""
+    from teacher_server.model_dirs import resolve_model
+
+    from .models import load_student
+
+    spec = spec or JobSpec.model_validate_json((Path(checkpoint) / "spec.json").read_text())
+    if spec.student.lora is None:
+        raise ValueError(f"{checkpoint} is a full-weight checkpoint, not a LoRA one")
+    base = resolve_model(spec.student.model, spec.student.revision).path
+    adapters = add_adapters(load_student(base, "fp32", "cpu"), spec.student.lora, seed=spec.seed)
+    load_adapters(adapters, Path(checkpoint))
+    return adapters.merge_and_unload()

@@ -56,7 +56,7 @@ def requirement(name: str) -> Requirement:
 
 
 # `pip install ... .` (the work tree), possibly as ".${TEACHER_EXTRAS:+[$TEACHER_EXTRAS]}" (with extras)
-PACKAGE_INSTALL = re.compile(r'pip install [^&]*?(?<![\w/-])(?P<target>"?\.(\$\{TEACHER_EXTRAS[^}]*\})?"?)(\s|$)')
+PACKAGE_INSTALL = re.compile(r'pip install [^&]*?(?<![\w/-])(?P<target>"?\.(\$\{(TEACHER|SERVICES)_EXTRAS[^}]*\})?"?)(\s|$)')
 
 
 # ---------------------------------------------------------------------- lint

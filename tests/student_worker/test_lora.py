@@ -149,6 +149,11 @@ def test_export_merged_folds_the_adapters_into_one_model(lora_run, make_spec, tm
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids).logits, trainer.model(input_ids=ids).logits, atol=1e-5)
     assert AutoTokenizer.from_pretrained(str(out))("1 + 1")["input_ids"]
+    from services.sdk import load_student  # the Python API folds the adapters in memory the same way
+
+    loaded, _ = load_student(lora_run["run_dir"])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-6)
     again = CliRunner().invoke(app, ["export-merged", str(lora_run["run_dir"]), str(out)])
     assert again.exit_code == 1 and "exists" in again.output
 
