@@ -60,7 +60,8 @@ def render(tokenizer, prompt: str | list[Message], template: str | None = None) 
                                          tokenize=False)
 
 
-def _template_of(path: str) -> str | None:
+def template_of(path: str) -> str | None:
+    """The chat template in `path`: a Jinja file, or a tokenizer directory's (None if it has none)."""
     p = Path(path)
     if p.is_file():
         return p.read_text(encoding="utf-8")
@@ -80,7 +81,7 @@ def teacher_template(spec: JobSpec) -> tuple[str | None, str]:
     if t.chat_template is not None:
         if not Path(t.chat_template).exists():
             raise DataError(f"teacher.chat_template: {t.chat_template} is not a file or directory")
-        template = _template_of(t.chat_template)
+        template = template_of(t.chat_template)
         if template is None:
             raise DataError(f"teacher.chat_template: the tokenizer in {t.chat_template} has no chat template")
         return template, f"teacher.chat_template {t.chat_template}"
@@ -100,7 +101,7 @@ def teacher_template(spec: JobSpec) -> tuple[str | None, str]:
         path = resolve_model(model, revision).path
     except (FileNotFoundError, ValueError) as exc:
         raise DataError(f"the teacher's chat template: {exc}") from None
-    return _template_of(str(path)), f"the teacher model directory {model}"
+    return template_of(str(path)), f"the teacher model directory {model}"
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:

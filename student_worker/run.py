@@ -85,8 +85,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.cuda.set_device(device)  # NCCL's collectives and object transfers use the current device
         spec = spec.model_copy(update={"student": spec.student.model_copy(update={"device": str(device)})})
     if config["teacher_endpoints"]:
-        spec = spec.model_copy(update={"teacher": spec.teacher.model_copy(
-            update={"endpoints": config["teacher_endpoints"], "ray_actor": None})})
+        spec = spec.model_copy(update={"teacher": served_replicas(spec.teacher, config["teacher_endpoints"])})
     torch.manual_seed(spec.seed)
     job_id = config["job_id"]
     sink = open_sink(config["events"], job_id=job_id, attempt=config.get("attempt", 0))
@@ -232,6 +231,22 @@ def run(spec: JobSpec, job_id: str, events: list[str], attempt: int = 0) -> dict
     summary["ray_checkpoint"] = result.checkpoint.path if result.checkpoint else None
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def served_replicas(teacher, endpoints: list[str]):
+    """The teacher section a worker uses once the spec's Ray replicas serve at `endpoints`. The
+    endpoints send token ids only, so the replicas' model directory becomes the teacher's chat
+    template (unless one is named, or the model has none) for the check of templated prompts."""
+    update = {"endpoints": endpoints, "ray_actor": None}
+    if teacher.chat_template is None:
+        from teacher_server.model_dirs import resolve_model
+
+        from .chat import template_of
+
+        model_dir = str(resolve_model(teacher.ray_actor.model, teacher.ray_actor.revision).path)
+        if template_of(model_dir) is not None:
+            update["chat_template"] = model_dir
+    return teacher.model_copy(update=update)
 
 
 def worker_resources(res) -> dict[str, float]:

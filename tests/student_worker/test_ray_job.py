@@ -133,10 +133,14 @@ def test_killed_worker_resumes_from_checkpoint_with_the_same_final_weights(
 
 
 def test_teacher_actor_is_restarted_after_a_kill_and_workers_carry_on(ray_cluster, make_spec_module,
-                                                                    tiny_llama, tmp_path):
-    """R-14 at the actor level: the replica comes back on its port; clients retry meanwhile."""
+                                                                    chat_models, chat_data, tmp_path):
+    """R-14 at the actor level: the replica comes back on its port; clients retry meanwhile. The
+    data is conversational (system prompt, an earlier exchange, the question), rendered with the
+    student's chat template and checked against the replicas' template on every worker."""
     run_dir = tmp_path / "actor"
-    spec = ray_spec(make_spec_module, run_dir, {"ray_actor": {"model": str(tiny_llama)}, "timeout_s": 120},
+    teacher, student = chat_models
+    spec = ray_spec(make_spec_module, run_dir, {"ray_actor": {"model": str(teacher)}, "timeout_s": 120},
+                    student={"model": str(student)}, data={"path": str(chat_data), "max_prompt_tokens": 64},
                     warmup={"enabled": False}, distill={"steps": 8, "batch_size": 4})
     killed: list[int] = []
 

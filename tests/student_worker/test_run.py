@@ -98,3 +98,17 @@ def test_r14_a_teacher_gone_mid_run_fails_the_worker_after_its_budget_with_wait_
     assert wait["message"].startswith(f"teacher unavailable at {endpoint} since ")
     assert f" since {got[1]} " in wait["message"]  # the same first failed attempt
     assert error["error"] == f"TeacherUnavailable: {message}"
+
+
+def test_workers_check_templated_prompts_against_the_ray_replicas_template(chat_models, tiny_llama):
+    from student_worker.config import TeacherSpec
+    from student_worker.run import served_replicas
+
+    with_template = served_replicas(TeacherSpec(ray_actor={"model": str(chat_models[0])}), ["127.0.0.1:5001"])
+    assert (with_template.endpoints, with_template.ray_actor) == (["127.0.0.1:5001"], None)
+    assert with_template.chat_template == str(chat_models[0])
+    plain = served_replicas(TeacherSpec(ray_actor={"model": str(tiny_llama)}), ["127.0.0.1:5001"])
+    assert plain.chat_template is None  # no template there: the prompts are scored as rendered
+    named = served_replicas(TeacherSpec(ray_actor={"model": str(chat_models[0])}, chat_template="/t.jinja"),
+                            ["127.0.0.1:5001"])
+    assert named.chat_template == "/t.jinja"
