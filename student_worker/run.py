@@ -70,6 +70,25 @@ def _restore(checkpoint, rank: int):
     return ref
 
 
+def _resume_point(checkpoint, run_dir: Path, rank: int):
+    """(where this worker starts, the temporary copy to remove at the end): the newer of Ray's
+    latest registered checkpoint (copied locally) and the newest intact checkpoint in the run
+    directory. Rank 0 writes the latter and Ray registers it only a report later, so after a
+    stopped driver (a cancelled or failed job, resumed) it can be the only one that holds the last
+    step. Every rank reads the same run directory before any of them trains, so all start alike.
+    (None, None): from the start."""
+    from .checkpoint import CheckpointManager
+
+    ray_ref = _restore(checkpoint, rank)
+    copy = ray_ref.path.parents[1] if ray_ref is not None else None
+    local = CheckpointManager(run_dir).latest_valid() if run_dir.is_dir() else None
+    if local is not None and (ray_ref is None or local.order > ray_ref.order):
+        if copy is not None:
+            shutil.rmtree(copy, ignore_errors=True)
+        return local, None
+    return ray_ref, copy
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
@@ -90,7 +109,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     job_id = config["job_id"]
     sink = open_sink(config["events"], job_id=job_id, attempt=config.get("attempt", 0))
     ray_metrics = RayMetrics(job_id)
-    resume = _restore(ray.train.get_checkpoint(), rank)
+    resume, restored_copy = _resume_point(ray.train.get_checkpoint(), Path(spec.checkpoint.dir), rank)
     sink.emit({"kind": "worker_start", "id": f"worker_start:{rank}:{os.getpid()}:{time.time_ns()}",
                "stage": resume.stage if resume else "", "step": resume.step if resume else 0, "rank": rank,
                "pid": os.getpid(), "restored": resume.path.name if resume else None,
@@ -122,8 +141,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                      on_checkpoint=on_checkpoint)
     finally:
         sink.close()  # sends what is buffered (the error event too) before Ray Train sees the end
-        if resume is not None:  # the restored copy lives in a temporary directory of its own
-            shutil.rmtree(resume.path.parents[1], ignore_errors=True)
+        if restored_copy is not None:  # Ray's checkpoint, copied to a temporary directory of its own
+            shutil.rmtree(restored_copy, ignore_errors=True)
         if rank != 0:
             shutil.rmtree(spec.checkpoint.dir, ignore_errors=True)
 

@@ -112,3 +112,36 @@ def test_workers_check_templated_prompts_against_the_ray_replicas_template(chat_
     named = served_replicas(TeacherSpec(ray_actor={"model": str(chat_models[0])}, chat_template="/t.jinja"),
                             ["127.0.0.1:5001"])
     assert named.chat_template == "/t.jinja"
+
+
+def test_a_worker_resumes_from_the_newer_of_rays_checkpoint_and_the_run_directorys(tmp_path, tiny_student):
+    """A stopped driver leaves checkpoints in the run directory that Ray never registered: a new
+    driver's workers start from whichever is newer (Ray's copy is removed at the end)."""
+    import contextlib
+
+    from transformers import AutoModelForCausalLM
+
+    from student_worker.checkpoint import CheckpointManager
+
+    run_dir = tmp_path / "run"
+    mgr = CheckpointManager(run_dir, keep_last=5)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_student))
+    older = mgr.save(model, {"step": 4}, "{}", stage="distill", step=4)
+    newer = mgr.save(model, {"step": 6}, "{}", stage="distill", step=6)
+
+    class RayCheckpoint:  # what ray.train.get_checkpoint() hands a worker
+        def __init__(self, path):
+            self.path = str(path)
+
+        @contextlib.contextmanager
+        def as_directory(self):
+            yield self.path
+
+    assert run_mod._resume_point(None, run_dir, 0) == (newer, None)
+    ref, copy = run_mod._resume_point(RayCheckpoint(older.path), run_dir, 0)
+    assert ref == newer and copy is None  # the copy of Ray's older one is gone already
+    assert not list(tmp_path.glob("distillery-restore-*"))
+    ahead = CheckpointManager(tmp_path / "elsewhere").save(model, {"step": 8}, "{}", stage="distill", step=8)
+    ref, copy = run_mod._resume_point(RayCheckpoint(ahead.path), run_dir, 0)
+    assert (ref.stage, ref.step) == ("distill", 8) and copy is not None and ref.path.is_relative_to(copy)
+    assert run_mod._resume_point(None, tmp_path / "new-run", 0) == (None, None)
