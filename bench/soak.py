@@ -11,9 +11,10 @@ the API. Kill targets are pids the stack reports: the scheduler, the API, Redis,
 its state file) and the Train workers (from their `worker_start` events). A job that fails is
 resumed once, as an operator would.
 
-It prints a table: jobs submitted / succeeded / resumed / lost, faults injected by target, steps
-redone (rank-0 steps trained more than once), peak memory of the stack's processes, and the order
-jobs started in (FIFO is the documented order). docs/reliability.md records a run.
+It prints a table: jobs submitted / succeeded / resumed / lost, faults injected by target, worker
+restarts and the steps they trained again, peak memory of the stack's processes, and the order jobs
+started in (FIFO is the documented order; two run at once, so a job's Ray driver may start a moment
+before the one ahead of it). docs/reliability.md records a run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from services.apiclient import ApiClient  # noqa: E402
 from student_worker import builtin  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+STAGES = {"warmup": 0, "distill": 1, "done": 2}
 
 
 def job_spec(assets, endpoint: str, name: str, steps: int) -> dict:
@@ -201,31 +203,48 @@ def main() -> int:
 
 def report(client: ApiClient, submitted: list[str], resumed: set[str], faults: Counter, peak: int,
            elapsed: float, a: argparse.Namespace) -> None:
+    """Steps redone: events are recorded once per (stage, step, rank), so a replayed step leaves no
+    second metrics event; instead, at every restart of rank 0 (a `worker_start` after the first,
+    in the same or a new attempt) the steps between the checkpoint it restored and the furthest
+    step reached before it are counted."""
     records = {i: call(client.job, i) for i in submitted}
-    redone = 0
+    redone = restarts = 0
     starts: list[tuple[float, str]] = []
     for job_id in submitted:
-        steps: Counter[int] = Counter()
+        reached: tuple[int, int] = (-1, 0)  # (stage order, step) furthest trained so far
         first_start = None
+        seen_start = False
         listing = client.http.get(f"/v1/jobs/{job_id}/events", params={"follow": "false"})
         for line in listing.iter_lines():
             if not line.startswith("data:"):
                 continue
             ev = json.loads(line[5:])
-            if ev.get("kind") == "metrics" and ev.get("rank") == 0 and "loss" in ev:
-                steps[ev["step"]] += 1
-            if ev.get("kind") == "state" and ev.get("state") == "running" and first_start is None:
+            if ev.get("rank") == 0 and ev.get("kind") == "metrics" and "loss" in ev:
+                reached = max(reached, (STAGES.get(ev.get("stage"), -1), ev["step"]))
+            elif ev.get("rank") == 0 and ev.get("kind") == "worker_start":
+                if seen_start:
+                    restarts += 1
+                    stage, _, step = (ev.get("restored") or "-0").rpartition("-")
+                    start = (STAGES.get(stage, -1), int(step or 0))
+                    if reached[0] == start[0]:
+                        redone += max(reached[1] - start[1], 0)
+                    elif reached[0] > start[0]:
+                        redone += reached[1]  # a later stage's steps, at least
+                seen_start = True
+            elif ev.get("kind") == "state" and ev.get("state") == "running" and first_start is None:
                 first_start = ev["time"]
-        redone += sum(n - 1 for n in steps.values())
         starts.append((first_start or float("inf"), job_id))
     order = [job_id for _, job_id in sorted(starts)]
+    displacement = max((abs(i - submitted.index(j)) for i, j in enumerate(order)), default=0)
     states = Counter(r["state"] for r in records.values())
     lost = len(submitted) - len(records) + sum(1 for r in records.values() if r["state"] != "succeeded")
     rows = [("mode", a.mode), ("cap on running jobs", a.cap), ("jobs submitted", len(submitted)),
             ("jobs succeeded", states["succeeded"]), ("jobs resumed after a failure", len(resumed)),
             ("jobs not succeeded (lost)", lost), ("faults injected", sum(faults.values())),
             ("  by target", ", ".join(f"{k} {v}" for k, v in sorted(faults.items())) or "-"),
-            ("steps redone (rank 0)", redone), ("started in submission order", order == submitted),
+            ("worker restarts (rank 0)", restarts), ("steps redone (rank 0)", redone),
+            ("started in submission order", order == submitted),
+            ("  most places a job started early or late", displacement),
             ("peak memory of the stack", f"{peak / 2**30:.2f} GiB"), ("wall time", f"{elapsed / 60:.1f} min")]
     width = max(len(k) for k, _ in rows)
     print("\n| what | value |\n|---|---|")

@@ -189,7 +189,7 @@ class Scheduler:
         claimed: list[Held] = []
         while True:
             if not self.waiting:
-                self.waiting = self.store.read_queue(self.id, self.settings.lease_s, count=1)
+                self.waiting = self.store.read_queue(self.id, self.settings.lease_s, count=1, in_order=True)
                 if not self.waiting:
                     return claimed
             entry = self.waiting[0]

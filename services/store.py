@@ -336,17 +336,22 @@ class JobStore:
                 claimed.append(got)
         return claimed
 
-    def read_queue(self, owner: str, lease_s: float, *, count: int = 10,
-                   block_ms: int | None = None) -> list[QueueEntry]:
+    def read_queue(self, owner: str, lease_s: float, *, count: int = 10, block_ms: int | None = None,
+                   in_order: bool = False) -> list[QueueEntry]:
         """Queue entries for `owner`, oldest first: first those another reader took but never
         settled (it died between read and claim) once they have been idle longer than a lease,
         then new ones. An entry stays pending on `owner` until `claim_entry` settles it; `keep`
-        tells the others it is still being looked at. Malformed entries are dropped here."""
+        tells the others it is still being looked at. Malformed entries are dropped here.
+
+        `in_order`: no new entry is read while an older one is pending on another reader (a job
+        waiting for room, or one its dead reader left, taken over once idle for a lease), so jobs
+        start first in, first out across schedulers and across a scheduler's restart."""
         self.ensure_group()
         lease_ms = int(lease_s * 1000)
         _, stale, *_ = self._call(self.r.xautoclaim, self.k.queue, GROUP, owner, lease_ms, "0-0", count=count)
         got = []
-        if len(stale or []) < count:
+        behind = in_order and self._call(self.r.xpending, self.k.queue, GROUP)["pending"] > len(stale or [])
+        if len(stale or []) < count and not behind:
             got = self._call(self.r.xreadgroup, GROUP, owner, {self.k.queue: ">"}, count=count - len(stale or []),
                              block=block_ms)
         out = []

@@ -439,23 +439,26 @@ def test_a_job_larger_than_the_cluster_waits_for_it_to_grow(store, make):
 
 
 def test_a_waiting_entry_is_kept_from_other_schedulers_until_its_holder_dies(store, make):
-    """A's waiting entry is not taken over while A keeps looking at it; once A is gone for a lease,
-    B takes it over (and admits it when it fits)."""
+    """A's waiting entry is not taken over while A keeps looking at it, and no scheduler reads past
+    it (first in, first out across schedulers); once A is gone for a lease, B takes it over and
+    admits it when it fits, before the job queued after it."""
     ray = FakeRay(nodes=[{"CPU": 1.0}])
     a, b = make(ray, "sched-a", lease_s=0.6), make(ray, "sched-b", lease_s=0.6)
     first, _ = store.create(sized(1), name="first")
     second, _ = store.create(sized(1), name="second")
+    third, _ = store.create(sized(1), name="third")
     a.tick()
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:  # A keeps the lease of `first` and its look at `second`
         a.tick()
         b.tick()
         time.sleep(0.1)
-    assert [e.job_id for e in a.waiting] == [second] and b.waiting == []
+    assert [e.job_id for e in a.waiting] == [second] and b.waiting == []  # B did not read `third`
     ray.set(submission_id(first, 1), "SUCCEEDED")
     time.sleep(0.7)  # A is gone: its lease of `first` and its entry of `second` lapse
     drive([b], lambda: store.get(second).state == "running", 5)
     assert store.get(second).owner == "sched-b" and store.get(first).state == "succeeded"
+    assert store.get(third).state == "queued" and [e.job_id for e in b.waiting] == [third]
 
 
 def test_fifty_jobs_under_a_cap_of_two_all_finish_first_in_first_out(store, make):
