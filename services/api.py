@@ -71,8 +71,8 @@ from services.protocol import (
     TooLarge,
     Unauthorized,
 )
-from services.jobs import JobService, http_ray_ping
-from services.rayapi import Cluster
+from services.jobs import JobService
+from services.rayapi import Cluster, http_ray_ping
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import ValidationError
 
 from services.admission import never_fits
-from services.rayapi import Cluster, http_ray_cluster, http_ray_ping, ray_auth_headers  # noqa: F401 - the API's probes
+from services.rayapi import Cluster, http_ray_cluster
 from services.settings import Settings
 from services.store import TERMINAL, Job, JobStore, TransitionRefused
 from student_worker.config import LOAD_DATASET_BUILDERS, JobSpec

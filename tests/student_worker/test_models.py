@@ -108,7 +108,7 @@ def test_a_job_trains_from_hub_ids_and_resumes_only_from_the_commit_it_trained(
     old = hub_cache.student_commit
     assert trainer.student_ref.commit == old
     assert trainer.teacher.info().model_name == "tiny-org/teacher"
-    assert torch.load(trainer.ckpt.latest_valid().path / "state.pt")["student_commit"] == old
+    assert trainer.ckpt.load_state(trainer.ckpt.latest_valid())["student_commit"] == old
 
     # main moves to another commit: the run cannot resume on other base weights without saying so.
     hub_cache.lay_out(cache, "tiny-org/student", tiny_student, "4" * 40)
