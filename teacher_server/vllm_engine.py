@@ -40,6 +40,11 @@ and limits:
   other with InvalidRequest. (Possible later: a server-wide Score temperature through the
   `logit_scale` that vLLM's Llama reads from the config (hf_overrides), with Generate
   temperatures rescaled to match; Qwen2 in vLLM has no such scale.)
+- A head padded past the tokenizer (checkpoints often pad it: 151936 rows for 151665 tokens):
+  `TeacherEngine` cuts the extra rows; here a hook in vLLM's workers (teacher_server.vllm_worker)
+  sets their logits to -inf before anything reads them, so prompt and sampled log-probs are
+  normalised over the tokenizer's tokens, no padded id is sampled or returned in a top-k, and
+  Info's vocab_size is the tokenizer's, as for `TeacherEngine`.
 - Full rows: refused (InvalidRequest; `max_full_row_positions` is 0). vLLM can return all V
   log-probs (`prompt_logprobs=-1`), but as Python lists of V floats per position, which is
   unusable at real vocabulary sizes. `max_logprobs` is set to the server's `top_k_limit`.
@@ -204,7 +209,7 @@ class VllmEngine:
     batches_itself = True  # the server hands calls straight to it, without our Batcher
 
     def __init__(self, config: VllmEngineConfig, metrics: "TeacherMetrics | None" = None) -> None:
-        from .engine import DTYPES, check_model_dir, load_tokenizer_fingerprint
+        from .engine import DTYPES, check_model_dir, load_tokenizer_facts
 
         if config.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
@@ -215,7 +220,7 @@ class VllmEngine:
         self.config = config
         self.metrics = metrics
         self.name = path.resolve().name
-        self.fingerprint = load_tokenizer_fingerprint(path)
+        self.fingerprint, self._tokenizer_size = load_tokenizer_facts(path)
         self.vllm_version = vllm_version()
         self._ids = itertools.count()
         self._inflight = 0
@@ -232,6 +237,8 @@ class VllmEngine:
             raise
         mc = self._llm.model_config
         self.vocab_size = int(mc.get_vocab_size())
+        if self._tokenizer_size is not None and self._tokenizer_size < self.vocab_size:
+            self._mask_padded_vocab(self._tokenizer_size)
         self.max_model_len = int(mc.max_model_len)
         # A Score sequence is a vLLM prompt that must leave room for one generated token.
         self.max_sequence_length = self.max_model_len - 1
@@ -240,6 +247,19 @@ class VllmEngine:
         self.device = str(current_platform.device_type)
         log.info("vLLM %s engine on %s: %s (vocab %d, max_model_len %d)", self.vllm_version,
                  self.device, self.name, self.vocab_size, self.max_model_len)
+
+    def _mask_padded_vocab(self, tokenizer_size: int) -> None:
+        """A head padded past the tokenizer: its extra rows get -inf logits in every worker
+        (teacher_server.vllm_worker), so scores, samples and the tail are over the tokenizer's
+        tokens, as TeacherEngine's, which cuts those rows."""
+        hooked = self._run(self._llm.collective_rpc("mask_padded_vocab", args=(tokenizer_size,))).result()
+        if not hooked or not all(hooked):
+            self.close()
+            raise RuntimeError(f"could not mask the head's rows past the tokenizer's {tokenizer_size} "
+                               f"tokens in vLLM's model (hooked per worker: {hooked})")
+        log.info("head padded to %d rows: ids from %d on are masked (the tokenizer's size)",
+                 self.vocab_size, tokenizer_size)
+        self.vocab_size = tokenizer_size
 
     @classmethod
     def load(cls, config: VllmEngineConfig, metrics: "TeacherMetrics | None" = None) -> "VllmEngine":
@@ -269,6 +289,8 @@ class VllmEngine:
         for key in ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching"):
             if getattr(cfg, key) is not None:
                 kwargs[key] = getattr(cfg, key)
+        # Mixed into vLLM's workers: masks a head padded past the tokenizer (_mask_padded_vocab).
+        kwargs["worker_extension_cls"] = "teacher_server.vllm_worker.VocabMask"
         kwargs.update(dict(cfg.extra_engine_args))
         # Created on the loop's thread, so vLLM's output handler task lives on this loop.
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))

@@ -32,6 +32,7 @@ from teacher_server.vllm_engine import log1mexp, tail_from_returned
 ATOL = 1e-4  # |Δ log-prob| vLLM vs transformers (measured: < 2e-5)
 TAIL_MASS_ATOL = 1e-5  # |Δ tail mass| (the vLLM tail comes from 1 - Σ top-k, see the engine)
 needs_vllm = pytest.mark.vllm
+PADDED_VOCAB = 576  # rows of the module model's head; its tokenizer has 512 tokens
 
 
 # ---------------------------------------------------------------------------- tail helper (no vLLM)
@@ -64,8 +65,10 @@ def test_tail_from_returned_counts_each_token_once():
 def model_dir(tmp_path_factory):
     from teacher_server.tiny import build_model
 
+    # The head is padded past the tokenizer's 512 tokens, as many checkpoints are: both engines
+    # must score and sample over the tokenizer's tokens only.
     return build_model(tmp_path_factory.mktemp("tiny-llama-hd64"), family="llama", hidden=128, heads=2,
-                       layers=2, seed=3)
+                       layers=2, seed=3, vocab_size=PADDED_VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +102,8 @@ def sequences(lengths, vocab, seed=0):
 @needs_vllm
 def test_info_and_limits(engine, ref):
     info = engine.info()
-    assert info.vocab_size == ref.vocab_size == 512
+    assert info.vocab_size == ref.vocab_size == 512  # the 64 padded rows are masked / cut
+    assert engine._llm.model_config.get_vocab_size() == PADDED_VOCAB
     assert info.tokenizer_fingerprint == ref.info().tokenizer_fingerprint != ""
     assert info.max_full_row_positions == 0 and engine.limits.max_full_row_positions == 0
     assert info.top_k_limit == 32 and info.dtype == "float32" and info.device == "cpu"
@@ -216,6 +220,20 @@ def test_seeded_sampling_is_reproducible(engine):
     explicit = engine.generate(prompts, replace(params, seed=None),
                                seeds=[row_seed(11, i) for i in range(len(prompts))])
     assert [g.token_ids.tolist() for g in explicit] == first
+
+
+@needs_vllm
+def test_padded_head_rows_are_never_sampled_nor_scored(engine):
+    # Unmasked, the 64 padded rows of this random head would take about 11 % of the draws: 256
+    # draws with none among them happen by chance with probability about 1e-13.
+    prompts = sequences([4] * 8, engine.vocab_size, seed=8)
+    params = SamplingParams(max_new_tokens=32, temperature=2.0, seed=5, logprobs_top_k=16)
+    gens = engine.generate(prompts, params)
+    assert sum(len(g.token_ids) for g in gens) == 256
+    for g in gens:
+        assert int(g.token_ids.max()) < 512 and int(g.topk_ids.max()) < 512
+        # processed log-probs: normalised over the tokenizer's tokens, top-16 a proper part of it
+        assert float(g.topk_logprobs.exp().sum(-1).max()) <= 1.0 + 1e-5
 
 
 @needs_vllm
