@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from . import defaults
 from .contract import Cancelled, Overloaded, SamplingParams, ScoreArgs, TeacherError
 from .engine import TeacherEngine
 from .sampling import row_seed
@@ -65,11 +66,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BatcherConfig:
-    max_batch_tokens: int = 16384  # tokens in one engine call (prompt + new tokens); bigger Score
-    #                                requests are served in slices of this size
-    max_batch_requests: int = 64  # 1 turns batching off
-    max_wait_ms: float = 5.0  # longest a request waits for company
-    max_queue: int = 256  # requests waiting; more are refused
+    # tokens in one engine call (prompt + new tokens); bigger Score requests are served in slices of this size
+    max_batch_tokens: int = defaults.MAX_BATCH_TOKENS
+    max_batch_requests: int = defaults.MAX_BATCH_REQUESTS  # 1 turns batching off
+    max_wait_ms: float = defaults.MAX_WAIT_MS  # longest a request waits for company
+    max_queue: int = defaults.MAX_QUEUE  # requests waiting; more are refused
     score_share: float = 0.5  # most of the time Score steps take while a Generate runs
 
 

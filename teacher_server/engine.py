@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import defaults
 from .model_dirs import check_model_dir, has_tokenizer, resolve_model
 from .sampling import generate, head_logits, outside_logmass, pad, temper
 from .contract import (
@@ -48,16 +49,16 @@ class EngineConfig:
 
     model_dir: str  # a directory, or a hub id found in the hub cache (model_dirs.resolve_model)
     revision: str | None = None  # of a hub id: branch, tag or commit (default main)
-    device: str = "cpu"  # "cpu", "cuda", "cuda:1"
-    dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    device: str = defaults.DEVICE  # "cpu", "cuda", "cuda:1"
+    dtype: str = defaults.DTYPE  # "float32" | "bfloat16" | "float16"
     compile: bool = False  # torch.compile the decoder
     trust_remote_code: bool = False  # only ever set by the operator's command line
     max_sequence_length: int | None = None  # default: the model's max_position_embeddings
     padding_side: str = "right"  # padding of score micro-batches: "right" | "left"
-    max_batch_tokens: int = 16384  # padded tokens per score micro-batch
+    max_batch_tokens: int = defaults.MAX_BATCH_TOKENS  # padded tokens per score micro-batch
     head_chunk_positions: int = 2048  # positions per output-head chunk ([chunk, V] logits)
-    top_k_limit: int = 128
-    max_full_row_positions: int = 4096
+    top_k_limit: int = defaults.TOP_K_LIMIT
+    max_full_row_positions: int = defaults.MAX_FULL_ROW_POSITIONS
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

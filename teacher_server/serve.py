@@ -23,6 +23,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from . import defaults
 from .batcher import Batcher, BatcherConfig
 from .engine import EngineConfig, TeacherEngine
 
@@ -35,7 +36,7 @@ from .servicer import BearerAuth, TeacherServicer
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name  # distillery.teacher.v1.Teacher
-DEFAULT_PORT = 50051
+DEFAULT_PORT = defaults.DEFAULT_PORT
 
 
 @dataclass(frozen=True)
@@ -45,22 +46,22 @@ class ServerConfig:
     # The vLLM engine instead of `engine` (transformers) and our batcher: vLLM batches
     # continuously by itself and bounds the calls in flight with its own max_queue.
     vllm: "VllmEngineConfig | None" = None
-    host: str = "127.0.0.1"  # loopback unless the operator says otherwise
+    host: str = defaults.HOST  # loopback unless the operator says otherwise
     port: int = DEFAULT_PORT  # 0 picks a free port (written to port_file)
     port_file: str | None = None
-    max_message_mb: int = 256  # largest reply (and the cap Score/Generate are checked against)
+    max_message_mb: int = defaults.MAX_MESSAGE_MB  # largest reply (and the cap Score/Generate are checked against)
     # Largest request. 32 MiB holds 1024 sequences of 8192 int32 tokens; a bigger request is refused
     # by gRPC before it is read into memory.
-    max_request_mb: int = 32
+    max_request_mb: int = defaults.MAX_REQUEST_MB
     # Threads serving RPCs: at least this many, and always room for the batcher's queue and batch
     # plus Info/health. There is no second concurrency limit: calls beyond the threads wait for
     # one, and the one refusal a caller can get for load is the full queue's, with the retry marker.
-    rpc_threads: int = 128
+    rpc_threads: int = defaults.RPC_THREADS
     torch_threads: int | None = None  # engine threads on CPU; None keeps torch's default
     token: str | None = None  # bearer token required on teacher calls when set
     metrics_port: int | None = None  # Prometheus exporter; None disables it
-    grace_s: float = 30.0  # in-flight calls get this long after SIGTERM
-    drain_delay_s: float = 0.5  # NOT_SERVING is visible this long before the port closes
+    grace_s: float = defaults.GRACE_S  # in-flight calls get this long after SIGTERM
+    drain_delay_s: float = defaults.DRAIN_DELAY_S  # NOT_SERVING is visible this long before the port closes
 
 
 class TeacherServer:
