@@ -43,8 +43,23 @@ ENV_NAMES = (
 )
 
 
+class SettingsError(ValueError):
+    """An environment variable holds something its setting cannot take (the CLI prints it as one line)."""
+
+
 def _list(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _number(env: Mapping[str, str], name: str, default: int | float) -> int | float:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    kind = type(default)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") from None
 
 
 @dataclass(frozen=True)
@@ -73,13 +88,14 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        """The settings the environment gives; SettingsError names a variable that holds a bad value."""
         e = os.environ if env is None else env
         d = cls()
         return cls(
             redis_url=e.get("REDIS_URL", d.redis_url),
             redis_prefix=e.get("DISTILLERY_REDIS_PREFIX", d.redis_prefix),
             api_host=e.get("DISTILLERY_API_HOST", d.api_host),
-            api_port=int(e.get("DISTILLERY_API_PORT", d.api_port)),
+            api_port=_number(e, "DISTILLERY_API_PORT", d.api_port),
             api_keys=_list(e.get("DISTILLERY_API_KEYS")),
             model_roots=_list(e.get("DISTILLERY_MODEL_ROOTS")),
             data_roots=_list(e.get("DISTILLERY_DATA_ROOTS")),
@@ -89,13 +105,13 @@ class Settings:
             runs_dir=e.get("DISTILLERY_RUNS_DIR", d.runs_dir),
             ray_address=e.get("DISTILLERY_RAY_ADDRESS", d.ray_address),
             teacher_endpoint=e.get("DISTILLERY_TEACHER_ENDPOINT") or None,
-            max_body_bytes=int(e.get("DISTILLERY_MAX_BODY_BYTES", d.max_body_bytes)),
-            lease_s=float(e.get("DISTILLERY_LEASE_S", d.lease_s)),
+            max_body_bytes=_number(e, "DISTILLERY_MAX_BODY_BYTES", d.max_body_bytes),
+            lease_s=_number(e, "DISTILLERY_LEASE_S", d.lease_s),
             scheduler_id=e.get("DISTILLERY_SCHEDULER_ID") or d.scheduler_id,
-            events_max=int(e.get("DISTILLERY_EVENTS_MAX", d.events_max)),
+            events_max=_number(e, "DISTILLERY_EVENTS_MAX", d.events_max),
             api_url=e.get("DISTILLERY_API_URL", d.api_url),
             api_key=e.get("DISTILLERY_API_KEY") or None,
-            max_running_jobs=int(e.get("DISTILLERY_MAX_RUNNING_JOBS", d.max_running_jobs)),
+            max_running_jobs=_number(e, "DISTILLERY_MAX_RUNNING_JOBS", d.max_running_jobs),
             cluster_autoscales=e.get("DISTILLERY_CLUSTER_AUTOSCALES", "0").strip().lower() in ("1", "true", "yes"),
         )
 
