@@ -49,8 +49,9 @@ from prometheus_client.core import GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
+from services.defaults import JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX
 from services.settings import Settings
-from services.store import JobNotFound, JobStore, StoreUnavailable, TransitionRefused
+from services.store import TERMINAL, JobNotFound, JobStore, StoreUnavailable, TransitionRefused
 from student_worker.config import JobSpec
 
 from services.protocol import (
@@ -215,6 +216,19 @@ def _format_event(entry_id: str, event: dict[str, Any]) -> str:
     return f"id: {entry_id}\nevent: {kind}\ndata: {json.dumps(event, default=str)}\n\n"
 
 
+def _last_event(job_id: str, state: str, sent: int, resumed: bool) -> str:
+    """`end` once the job has ended; a `backlog_end` for one that has not (follow=false), so
+    that a queued job's empty stream does not read as a finished job."""
+    if state in TERMINAL:
+        return f"event: end\ndata: {json.dumps({'kind': 'end', 'id': job_id, 'state': state})}\n\n"
+    if sent:
+        detail = f"the job is {state}; these are its events so far (follow=true streams the rest)"
+    else:
+        detail = f"the job is {state} and has no {'new ' if resumed else ''}events yet"
+    body = {"kind": "backlog_end", "id": job_id, "state": state, "detail": detail}
+    return f"event: backlog_end\ndata: {json.dumps(body)}\n\n"
+
+
 def _router(service: JobService, settings: Settings, heartbeat_s: float) -> APIRouter:
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_auth(settings.api_keys))],
                    responses=ERROR_RESPONSES, tags=["jobs"])
@@ -224,6 +238,8 @@ def _router(service: JobService, settings: Settings, heartbeat_s: float) -> APIR
     limiter: list[anyio.CapacityLimiter] = []  # created inside the event loop, on first use
 
     @v1.post("/jobs", status_code=201, response_model=JobRecord, openapi_extra=spec_body, responses={
+        201: {"description": "Queued: the new job.",
+              "headers": {"Location": {"description": "The job's URL, /v1/jobs/{id}.", "schema": {"type": "string"}}}},
         200: {"model": JobRecord, "description": "Repeat of an earlier request with the same Idempotency-Key."},
         400: {"model": ErrorBody, "description": "A path outside the roots, or trust_remote_code."},
         413: {"model": ErrorBody, "description": "Body over the size limit."},
@@ -233,14 +249,17 @@ def _router(service: JobService, settings: Settings, heartbeat_s: float) -> APIR
                idempotency_key: str | None = Header(None, alias="Idempotency-Key", pattern=IDEMPOTENCY_KEY,
                                                     description="Repeat-safe submission: same key, same job (24 h).")
                ) -> JobRecord:
-        """Queue a distillation job."""
+        """Queue a distillation job; a new one answers 201 with its URL in `Location`."""
         job, created = service.submit(body, idempotency_key)
         response.status_code = 201 if created else 200
+        if created:
+            response.headers["Location"] = f"/v1/jobs/{job.id}"
         return JobRecord.of(job)
 
     @v1.get("/jobs", response_model=JobList)
     def list_jobs(state: State | None = Query(None, description="Only jobs in this state."),
-                  offset: int = Query(0, ge=0, le=10_000), limit: int = Query(50, ge=1, le=200)) -> JobList:
+                  offset: int = Query(0, ge=0, le=10_000),
+                  limit: int = Query(JOBS_PAGE_DEFAULT, ge=1, le=JOBS_PAGE_MAX)) -> JobList:
         """Jobs, newest first."""
         jobs = service.list(state, offset, limit)
         return JobList(jobs=[JobRecord.of(j) for j in jobs], offset=offset, limit=limit,
@@ -267,11 +286,14 @@ def _router(service: JobService, settings: Settings, heartbeat_s: float) -> APIR
     @v1.get("/jobs/{job_id}/events", response_class=StreamingResponse, responses={
         **not_found, 200: {"description": "Server-Sent Events: `id` is the stream id, `event` the kind, `data` "
                                           "the event as JSON; `: keep-alive` comments while idle; a last "
-                                          "`end` event carries the terminal state.",
+                                          "`end` event carries the terminal state. With follow=false "
+                                          "on a job that has not ended, a last `backlog_end` event "
+                                          "carries its state and says so instead.",
                            "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
     async def events(job_id: JobId,
                      after: str | None = Query(None, pattern=EVENT_ID, description="Stream id to start after."),
-                     follow: bool = Query(True, description="false: send the backlog, then end."),
+                     follow: bool = Query(True, description="false: send the backlog, then end (with "
+                                                          "`backlog_end` when the job has not ended)."),
                      last_event_id: str | None = Header(None, alias="Last-Event-ID", pattern=EVENT_ID)
                      ) -> StreamingResponse:
         """The job's events: the backlog, then live ones, until the job ends. A reconnecting client
@@ -290,7 +312,7 @@ def _router(service: JobService, settings: Settings, heartbeat_s: float) -> APIR
 async def _stream(service: JobService, job_id: str, after: str, follow: bool, heartbeat_s: float,
                   limiter: anyio.CapacityLimiter) -> AsyncIterator[str]:
     yield "retry: 3000\n\n"
-    last_sent = time.monotonic()
+    start, last_sent, sent = after, time.monotonic(), 0
     while True:
         try:
             batch, final = await anyio.to_thread.run_sync(service.poll_events, job_id, after, follow,
@@ -300,11 +322,12 @@ async def _stream(service: JobService, job_id: str, after: str, follow: bool, he
             return
         for entry_id, event in batch:
             after = entry_id
+            sent += 1
             yield _format_event(entry_id, event)
         if batch:
             last_sent = time.monotonic()
         elif final is not None:
-            yield f"event: end\ndata: {json.dumps({'kind': 'end', 'id': job_id, 'state': final})}\n\n"
+            yield _last_event(job_id, final, sent, resumed=start != "0")
             return
         elif time.monotonic() - last_sent >= heartbeat_s:
             last_sent = time.monotonic()

@@ -8,11 +8,31 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
+from services.defaults import JOBS_PAGE_DEFAULT
+
 
 class ApiError(RuntimeError):
+    """The API refused a request (`status` its HTTP status) or could not be reached (status 0)."""
+
     def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"HTTP {status}: {detail}")
+        super().__init__(f"HTTP {status}: {detail}" if status else detail)
         self.status = status
+
+
+def _detail(r: httpx.Response) -> str:
+    """An error body's `detail`, then the problems it lists (a 422's `distill.loss: ...`)."""
+    try:
+        body = r.json()
+    except ValueError:
+        return r.text
+    if not isinstance(body, dict):
+        return r.text
+    detail = body.get("detail", r.text)
+    parts = [detail if isinstance(detail, str) else json.dumps(detail)]
+    for e in body.get("errors") or ():
+        loc = ".".join(str(p) for p in e.get("loc", ()))
+        parts.append(f"{loc or '(body)'}: {e.get('msg', '')}")
+    return "; ".join(parts)
 
 
 class ApiClient:
@@ -22,24 +42,25 @@ class ApiClient:
 
     def _check(self, r: httpx.Response) -> Any:
         if r.status_code >= 400:
-            try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            raise ApiError(r.status_code, detail if isinstance(detail, str) else json.dumps(detail))
+            raise ApiError(r.status_code, _detail(r))
         return r.json()
+
+    def _unreachable(self, exc: httpx.TransportError) -> ApiError:
+        if isinstance(exc, httpx.ConnectError):
+            return ApiError(0, f"no API at {self.http.base_url} (is the stack up? `distillery up`)")
+        return ApiError(0, f"API at {self.http.base_url}: {type(exc).__name__}: {exc}")
 
     def _request(self, method: str, path: str, **kw) -> Any:
         try:
             return self._check(self.http.request(method, path, **kw))
-        except httpx.ConnectError:
-            raise ApiError(0, f"no API at {self.http.base_url} (is the stack up? `distillery up`)") from None
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
 
     def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._request("POST", "/v1/jobs", json=spec, headers=headers)
 
-    def jobs(self, state: str | None = None, limit: int = 50) -> dict[str, Any]:
+    def jobs(self, state: str | None = None, limit: int = JOBS_PAGE_DEFAULT) -> dict[str, Any]:
         params = {"limit": limit, **({"state": state} if state else {})}
         return self._request("GET", "/v1/jobs", params=params)
 
@@ -52,9 +73,10 @@ class ApiClient:
     def resume(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{job_id}/resume")
 
-    def events(self, job_id: str, after: str | None = None, *, reconnect_s: float = 300.0,
+    def events(self, job_id: str, after: str | None = None, *, follow: bool = True, reconnect_s: float = 300.0,
                on_retry: Callable[[str], None] | None = None) -> Iterator[dict[str, Any]]:
-        """Server-Sent Events of a job: backlog then live, until the job ends.
+        """Server-Sent Events of a job: backlog then live, until the job ends (`follow=False`:
+        the backlog, then a `backlog_end` event with the state of a job that has not ended).
 
         A stream cut by the API going away (restart, network) is resumed from the last event id
         (`Last-Event-ID`), so no event is shown twice or lost; reconnection backs off from 0.5 s
@@ -63,7 +85,8 @@ class ApiClient:
         while True:
             try:
                 headers = {"Last-Event-ID": last} if last else {}
-                with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
+                params = {} if follow else {"follow": "false"}
+                with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, params=params,
                                       timeout=None) as r:
                     if r.status_code >= 400:
                         r.read()
@@ -82,11 +105,10 @@ class ApiClient:
                             backoff, down_since = 0.5, None
                             yield json.loads("\n".join(data))
                             data, event_id = [], None
-                return  # the server ended the stream: the job ended
+                return  # the server ended the stream: the job ended (without follow: its backlog did)
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
                 if not connected:  # never reached: a wrong URL or a stack that is not up
-                    raise ApiError(0, f"no API at {self.http.base_url} (is the stack up? "
-                                      "`distillery up`)") from None
+                    raise self._unreachable(exc) from None
                 now = time.monotonic()
                 down_since = down_since or now
                 if now - down_since > reconnect_s:

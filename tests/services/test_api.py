@@ -268,7 +268,7 @@ def test_events_backlog_then_live_until_terminal(settings, store):
             assert [e.get("id") for e in again] == ids[2:] + [None]
 
 
-def test_events_without_follow_send_the_backlog_and_end(settings, store, client):
+def test_events_without_follow_send_the_backlog_and_say_the_job_goes_on(settings, store, client):
     job_id = client.post("/v1/jobs", json=spec()).json()["id"]
     sink = RedisSink(settings.redis_url, job_id, attempt=0, prefix=settings.redis_prefix)
     sink.emit({"kind": "metrics", "stage": "distill", "step": 1, "rank": 0, "loss": 1.0})
@@ -277,8 +277,10 @@ def test_events_without_follow_send_the_backlog_and_end(settings, store, client)
     r = client.get(f"/v1/jobs/{job_id}/events", params={"follow": "false"})
     got = [e for e in sse(r.text.splitlines()) if "data" in e]
     assert time.monotonic() - start < 2
-    assert [e["event"] for e in got] == ["metrics", "end"]
-    assert json.loads(got[-1]["data"]) == {"kind": "end", "id": job_id, "state": "queued"}
+    # not `end`: the job has not ended, the backlog has
+    assert [e["event"] for e in got] == ["metrics", "backlog_end"]
+    last = json.loads(got[-1]["data"])
+    assert last["kind"] == "backlog_end" and last["state"] == "queued" and "so far" in last["detail"]
 
 
 def test_events_heartbeat_and_cancel_ends_stream(settings, store):
@@ -657,3 +659,54 @@ def test_serve_refuses_exposed_host_without_keys(monkeypatch):
     serve(Settings(api_host="0.0.0.0"), "127.0.0.1", 8124)
     assert [(kw["host"], kw["port"]) for kw in started] == [("0.0.0.0", 8123), ("127.0.0.1", 8124)]
     assert api.check_exposure(Settings()) is None
+
+
+# ------------------------------------------------------------------------------------ issue 15: CLI and first run
+def test_a_new_job_answers_201_with_its_location(client):
+    r = client.post("/v1/jobs", json=spec(), headers={**AUTH, "Idempotency-Key": "loc-1"})
+    assert r.status_code == 201 and r.headers["Location"] == f"/v1/jobs/{r.json()['id']}"
+    assert client.get(r.headers["Location"]).json()["id"] == r.json()["id"]
+    again = client.post("/v1/jobs", json=spec(), headers={**AUTH, "Idempotency-Key": "loc-1"})
+    assert again.status_code == 200 and "Location" not in again.headers
+
+
+def test_jobs_limit_is_the_shared_bound(client):
+    from services.defaults import JOBS_PAGE_MAX
+
+    assert client.get("/v1/jobs", params={"limit": JOBS_PAGE_MAX}).status_code == 200
+    assert client.get("/v1/jobs", params={"limit": JOBS_PAGE_MAX + 1}).status_code == 422
+
+
+def cli_against(client: TestClient, monkeypatch) -> Any:
+    """services.cli with its API client talking to the in-process app."""
+    import services.cli as cli
+    from services.apiclient import ApiClient
+
+    api_client = ApiClient("http://testserver")
+    api_client.http = client  # TestClient is an httpx.Client
+    monkeypatch.setattr(cli, "_client", lambda url, key: api_client)
+    return cli
+
+
+def test_logs_of_a_queued_job_say_it_has_no_events_yet(client, monkeypatch):
+    from typer.testing import CliRunner
+
+    job_id = client.post("/v1/jobs", json=spec()).json()["id"]
+    r = client.get(f"/v1/jobs/{job_id}/events", params={"follow": "false"})
+    got = [e for e in sse(r.text.splitlines()) if "data" in e]
+    assert [e["event"] for e in got] == ["backlog_end"]
+    assert json.loads(got[0]["data"]) == {"kind": "backlog_end", "id": job_id, "state": "queued",
+                                          "detail": "the job is queued and has no events yet"}
+    result = CliRunner().invoke(cli_against(client, monkeypatch).app, ["logs", job_id])
+    assert result.exit_code == 0 and [json.loads(line)["kind"] for line in result.stdout.splitlines()] == ["backlog_end"]
+
+
+def test_cli_submit_of_an_invalid_spec_names_the_field(client, roots, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(spec(distill={"loss": "nope"})))  # JSON is YAML
+    result = CliRunner().invoke(cli_against(client, monkeypatch).app, ["submit", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.startswith("error: HTTP 422: the job spec does not validate; distill.loss: Input should be")
+    assert len(result.stderr.splitlines()) == 1
