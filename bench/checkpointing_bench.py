@@ -97,7 +97,7 @@ def main() -> None:
         print(json.dumps(measure(args, flag == "1", model_dir)))
         return
 
-    from teacher_server.tiny import build_model
+    from services.demo.tiny import build_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(build_model(Path(tmp) / "student", hidden=args.hidden, layers=args.layers,

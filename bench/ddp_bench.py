@@ -35,11 +35,11 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.demo.task import make_rows  # noqa: E402
+from services.demo.tiny import build_model  # noqa: E402
 from student_worker.config import JobSpec  # noqa: E402
-from student_worker.data import arithmetic_rows  # noqa: E402
 from student_worker.distributed import Comm  # noqa: E402
 from student_worker.trainer import Trainer, autocast, build_teacher, load_student  # noqa: E402
-from teacher_server.tiny import build_model  # noqa: E402
 
 WORLD = 2
 
@@ -151,7 +151,7 @@ def main() -> None:
                               heads=max(2, args.hidden // 64), tokenizer_vocab=512)
         teacher = build_model(root / "teacher", family="llama", hidden=64, layers=2, tokenizer_vocab=512)
         data = root / "train.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(256, seed=0)))
+        data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(256, seed=0, digits=2)))
         (root / "runs").mkdir()
         paths = {"student": str(student), "teacher": str(teacher), "data": str(data), "runs": str(root / "runs")}
         out = root / "out.json"

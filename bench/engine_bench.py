@@ -33,11 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.demo.tiny import build_model  # noqa: E402
 from teacher_server.client import TeacherClient  # noqa: E402
 from teacher_server.contract import SamplingParams  # noqa: E402
 from teacher_server.local import LocalTeacher  # noqa: E402
 from teacher_server.process import start_teacher  # noqa: E402
-from teacher_server.tiny import build_model  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

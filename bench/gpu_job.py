@@ -31,13 +31,13 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.demo.task import make_rows  # noqa: E402
+from services.demo.tiny import build_model  # noqa: E402
 from student_worker.config import JobSpec  # noqa: E402
-from student_worker.data import arithmetic_rows  # noqa: E402
 from student_worker.trainer import Trainer, build_teacher  # noqa: E402
 from teacher_server.batcher import BatcherConfig  # noqa: E402
 from teacher_server.engine import EngineConfig, TeacherEngine  # noqa: E402
 from teacher_server.serve import ServerConfig, TeacherServer  # noqa: E402
-from teacher_server.tiny import build_model  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -139,7 +139,7 @@ def main() -> None:
         student_dir = build_model(root / "student", hidden=args.student_hidden, layers=args.student_layers,
                                   heads=max(1, args.student_hidden // 64), tokenizer_vocab=512, seed=7)
         data = root / "train.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(1024, seed=0)))
+        data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(1024, seed=0, digits=2)))
         engine, confidence = confident_engine(teacher_dir, "cuda:0" if args.device == "cuda" else "cpu",
                                               args.teacher_margin)
         server = TeacherServer(ServerConfig(engine=engine.config, port=0, batcher=BatcherConfig()))

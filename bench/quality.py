@@ -4,7 +4,7 @@
     python bench/quality.py --quick          # 1 seed, few steps, two losses: a smoke run
     python bench/quality.py --losses akl jsd --seeds 0 1 2 --steps 300 --jobs 2
 
-On the built-in task (student_worker.builtin: the cached teacher and SFT student), every cell is
+On the built-in task (services.demo.builtin: the cached teacher and SFT student), every cell is
 a fresh in-process job (Trainer + in-process teacher) from the same SFT student:
   - KD with each loss (FKL, RKL, skew FKL, skew RKL, JSD, TVD, AKL), with and without
     Warmup-Distill, with λ (on-policy fraction) 0 (responses from the data) and 1 (sampled by
@@ -73,7 +73,7 @@ def job_spec(assets, args: argparse.Namespace, run_dir: Path, *, loss: str, lam:
         "teacher": {"local_model": str(assets.teacher)},
         "data": {"path": str(assets.train), "eval_path": str(assets.eval), "max_prompt_tokens": 32,
                  "max_response_tokens": 16},
-        # The demo's warmup (services/demo.py): flag student tokens outside the teacher's top-1,
+        # The demo's warmup (services/demo/job.py): flag student tokens outside the teacher's top-1,
         # DPO with an NLL term on the corrected answer.
         "warmup": {"enabled": warmup, "prompts": 256, "samples_per_prompt": 2, "rule": "teacher_rank", "rank_k": 1,
                    "max_new_tokens": 8, "steps": args.warmup_steps, "batch_size": 16, "lr": args.warmup_lr,
@@ -117,8 +117,8 @@ def run_sft_control(assets_root: str, steps: int, batch_size: int, lr: float, se
     """The SFT student trained `steps` more SFT steps on the data (the 'just train longer' control)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from student_worker import builtin
-    from student_worker.sft import train_sft
+    from services.demo import builtin
+    from services.demo.sft import train_sft
 
     assets = builtin.load(Path(assets_root))
     started = time.monotonic()
@@ -135,7 +135,7 @@ def run_trl_row(assets_root: str, args: argparse.Namespace, seed: int, out: str)
     from trl_baseline import run_trl  # bench/ is on sys.path as the script's directory
     from transformers import AutoTokenizer
 
-    from student_worker import builtin
+    from services.demo import builtin
     from student_worker.data import read_jsonl
 
     assets = builtin.load(Path(assets_root))
@@ -159,7 +159,7 @@ def mean_std(values: list[float]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from student_worker import builtin
+    from services.demo import builtin
 
     started = time.monotonic()
     recipe = builtin.quick_recipe() if args.quick_models else builtin.Recipe()

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services import local  # noqa: E402
 from services.apiclient import ApiClient  # noqa: E402
-from student_worker import builtin  # noqa: E402
+from services.demo import builtin  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 STAGES = {"warmup": 0, "distill": 1, "done": 2}

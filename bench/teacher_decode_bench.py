@@ -44,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.demo.tiny import build_model  # noqa: E402
 from teacher_server.contract import Generation, SamplingParams, ScoreArgs  # noqa: E402
 from teacher_server.engine import EngineConfig, TeacherEngine  # noqa: E402
 from teacher_server.sampling import (  # noqa: E402
@@ -58,7 +59,6 @@ from teacher_server.sampling import (  # noqa: E402
     row_seed,
     temper,
 )
-from teacher_server.tiny import build_model  # noqa: E402
 
 
 # ------------------------------------------------------------------ before: the old code path

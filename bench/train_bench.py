@@ -40,14 +40,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.demo.task import make_rows  # noqa: E402
+from services.demo.tiny import build_model  # noqa: E402
 from student_worker.config import JobSpec  # noqa: E402
-from student_worker.data import arithmetic_rows  # noqa: E402
 from student_worker.losses import distill_loss  # noqa: E402
 from student_worker.rollout import sample_responses, score_batch, student_logits  # noqa: E402
 from student_worker.trainer import Trainer, build_teacher  # noqa: E402
 from teacher_server.local import LocalTeacher  # noqa: E402
 from teacher_server.process import start_teacher  # noqa: E402
-from teacher_server.tiny import build_model  # noqa: E402
 
 SECTIONS = ("teachers", "workers", "trl")
 
@@ -210,12 +210,12 @@ def bench_trl(tmp: Path, endpoint: str, args: argparse.Namespace) -> None:
     teacher = LocalTeacher.from_model_dir(str(tmp / "teacher"))
     # Yardstick: held-out prompts, continued once by the untrained student (the distribution
     # on-policy training starts from), scored against full teacher rows.
-    held = [torch.tensor(tokenizer(r["prompt"]).input_ids) for r in arithmetic_rows(64, seed=1)]
+    held = [torch.tensor(tokenizer(r["prompt"]).input_ids) for r in make_rows(64, seed=1, digits=2)]
     initial = AutoModelForCausalLM.from_pretrained(str(tmp / "student"))
     held_resp = sample_responses(initial, held, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
                                  stop_ids=[tokenizer.eos_token_id], seed=0)
     yardstick = lambda m: heldout_jsd(m, teacher, held, held_resp, tokenizer.pad_token_id)  # noqa: E731
-    prompts = [r["prompt"] for r in arithmetic_rows(512)]
+    prompts = [r["prompt"] for r in make_rows(512, seed=0, digits=2)]
 
     def distillery(name: str, teacher_spec: dict, **kw: Any):
         return lambda: train_once(spec_for(tmp, teacher_spec, args, name, steps=args.trl_steps, **kw))
@@ -257,7 +257,7 @@ def main() -> None:
         tmp = Path(d)
         build_model(tmp / "teacher", hidden=256, layers=4, heads=4, seed=0)
         build_model(tmp / "student", hidden=64, layers=2, heads=4, seed=1)
-        (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(512)))
+        (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(512, seed=0, digits=2)))
         server = start_teacher(tmp / "teacher", "--max-wait-ms", "2", "--drain-delay-s", "0")
         try:
             if "teachers" in args.sections:

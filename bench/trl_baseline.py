@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from student_worker.data import arithmetic_rows
+from services.demo.task import make_rows
 
 
 def trl_config(out_dir: Path, args: argparse.Namespace, steps: int, seed: int = 0):
@@ -133,7 +133,7 @@ def bench_decode(tmp: Path, args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(tmp / "student"))
     model = AutoModelForCausalLM.from_pretrained(str(tmp / "student")).eval()
     by_len: dict[int, list[torch.Tensor]] = {}
-    for r in arithmetic_rows(512):
+    for r in make_rows(512, seed=0, digits=2):
         ids = torch.tensor(tokenizer(r["prompt"]).input_ids)
         by_len.setdefault(len(ids), []).append(ids)
     lengths = sorted(by_len, key=lambda n: -len(by_len[n]))

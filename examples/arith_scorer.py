@@ -1,5 +1,6 @@
-"""An `eval.scorer` for the arithmetic examples: is the first number of the completion the sum the
-prompt asks for? It needs no reference, so it scores prompt-only data too.
+"""An `eval.scorer` for the arithmetic examples: is the first number of the completion the result
+the prompt asks for (`Q: 34-12+5=?`: the sum of its signed terms)? It needs no reference, so it
+scores prompt-only data too.
 
     PYTHONPATH=examples .venv/bin/distillery train examples/prompts_scorer.yaml
 
@@ -16,9 +17,9 @@ NUMBER = re.compile(r"-?\d+")
 
 def answer_is_sum(prompt: str | list[dict], completion: str, reference: str | None) -> float:
     question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
-    a, b = (int(x) for x in NUMBER.findall(question)[-2:])
+    terms = [int(x) for x in NUMBER.findall(question)]  # "34-12" gives 34 and -12
     answer = NUMBER.search(completion)
-    return float(answer is not None and int(answer.group()) == a + b)
+    return float(answer is not None and int(answer.group()) == sum(terms))
 
 
 def answer_and_length(prompt: str | list[dict], completion: str, reference: str | None) -> dict[str, float]:

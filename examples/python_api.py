@@ -26,13 +26,13 @@ from services import sdk
 
 def tiny_inputs(workdir: Path) -> tuple[Path, Path, Path]:
     """A tiny teacher and a smaller student sharing one locally trained tokenizer, and 64 sums."""
-    from student_worker.data import arithmetic_rows
-    from teacher_server.tiny import build_model
+    from services.demo.task import make_rows
+    from services.demo.tiny import build_model
 
     teacher = build_model(workdir / "teacher", hidden=64, layers=2, seed=0)
     student = build_model(workdir / "student", hidden=32, layers=1, heads=2, seed=7)
     data = workdir / "train.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in arithmetic_rows(64, seed=0)))
+    data.write_text("".join(json.dumps(row) + "\n" for row in make_rows(64, seed=0, digits=2)))
     return teacher, student, data
 
 
@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 3. The trained student, as a transformers model and tokenizer.
     model, tokenizer = sdk.load_student(result)
-    prompt = tokenizer("12 + 30 =", return_tensors="pt")
+    prompt = tokenizer("Q: 12+30=?\nA:", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(f"student: 12 + 30 = {answer!r}")
+    print(f"student: 12+30 = {answer!r}")
     report: dict[str, Any] = {"run_dir": str(result.run_dir), "losses": losses, "answer": answer,
                               "checkpoint": str(result.checkpoint)}
 

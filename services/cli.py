@@ -438,7 +438,7 @@ def demo(
     job = demo_mod.DemoJob(distill_steps=distill_steps, warmup_steps=warmup_steps)
     recipe = None
     if quick:
-        from student_worker.builtin import quick_recipe
+        from services.demo.builtin import quick_recipe
 
         job, recipe = demo_mod.QUICK_JOB, quick_recipe()
     try:
@@ -453,7 +453,7 @@ def teacher_demo(
                                    / "distillery", help="Where the tiny demo teacher is kept."),
 ) -> None:
     """Serve a tiny random-weight teacher on loopback and score a few sentences through the client."""
-    from services.teacher_demo import main
+    from services.demo.teacher import main
 
     main(cache_dir)
 

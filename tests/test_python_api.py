@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from services import sdk
-from student_worker.data import arithmetic_rows
+from services.demo.task import make_rows
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "python_api.py"
 
@@ -28,11 +28,11 @@ def load_example():
 
 def test_example_runs_in_process_and_loads_the_student(tiny_llama, tiny_student, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(40, seed=0)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(40, seed=0, digits=2)))
     report = load_example().main(["--workdir", str(tmp_path / "work"), "--teacher", str(tiny_llama),
                                   "--student", str(tiny_student), "--data", str(data), "--steps", "2"])
     out = capsys.readouterr().out
-    assert "distill step 2: loss" in out and "student: 12 + 30 = " in out
+    assert "distill step 2: loss" in out and "student: 12+30 = " in out
     run_dir = Path(report["run_dir"])
     assert run_dir == tmp_path / "work" / "run" and len(report["losses"]) == 2
     assert Path(report["checkpoint"]) == run_dir / "checkpoints" / "done-00000000"

@@ -76,9 +76,9 @@ def running(pid: int) -> bool:
 
 def job_spec(root: Path, teacher: Path, student: Path, steps: int) -> Path:
     data = root / "train.jsonl"
-    from student_worker.data import arithmetic_rows
+    from services.demo.task import make_rows
 
-    data.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(64)))
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(64, seed=0, digits=2)))
     spec = {
         "name": "e2e", "student": {"model": str(student)}, "teacher": {"local_model": str(teacher)},
         "data": {"path": str(data), "eval_fraction": 0.1, "max_prompt_tokens": 16, "max_response_tokens": 8},

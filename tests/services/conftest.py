@@ -116,10 +116,10 @@ def redis_prefix(redis_url) -> Iterator[str]:
 def job_data(tmp_path_factory) -> Path:
     import json
 
-    from student_worker.data import arithmetic_rows
+    from services.demo.task import make_rows
 
     path = tmp_path_factory.mktemp("job-data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(80, seed=0)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(80, seed=0, digits=2)))
     return path
 
 

@@ -28,7 +28,7 @@ from services.apiclient import ApiError
 from services.settings import Settings
 from services.store import JobStore
 from student_worker.config import JobSpec
-from student_worker.data import arithmetic_rows
+from services.demo.task import make_rows
 from student_worker.events import RedisSink
 from student_worker.run import train_worker
 
@@ -59,7 +59,7 @@ def live_api(settings: Settings, store: JobStore) -> Iterator[str]:
 def service(redis_url, redis_prefix, tiny_llama, tiny_student, tmp_path) -> Iterator[tuple[str, Settings, JobStore]]:
     data = tmp_path / "data"
     data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(40, seed=0)))
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(40, seed=0, digits=2)))
     (tmp_path / "runs").mkdir()
     settings = Settings(redis_url=redis_url, redis_prefix=redis_prefix, api_keys=(KEY,),
                         model_roots=(str(tiny_llama), str(tiny_student)), data_roots=(str(data),),

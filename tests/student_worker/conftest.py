@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from student_worker.config import JobSpec
-from student_worker.data import arithmetic_rows, as_chat
+from services.demo.task import as_chat, make_rows
 
 
 @pytest.fixture(scope="session")
 def arith_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(80, seed=0)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(80, seed=0, digits=2)))
     return path
 
 
@@ -68,7 +68,7 @@ def chat_models(tiny_llama, tiny_student, tmp_path_factory) -> tuple[Path, Path]
 def chat_data(tmp_path_factory) -> Path:
     """Conversational arithmetic: a system prompt, an earlier exchange, a question, its answer."""
     path = tmp_path_factory.mktemp("chat-data") / "train.jsonl"
-    path.write_text("".join(json.dumps(as_chat(r)) + "\n" for r in arithmetic_rows(40, seed=0)))
+    path.write_text("".join(json.dumps(as_chat(r)) + "\n" for r in make_rows(40, seed=0, digits=2)))
     return path
 
 

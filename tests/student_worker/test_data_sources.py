@@ -343,7 +343,7 @@ def test_distillery_train_runs_a_conversational_job(chat_models, chat_data, scor
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     ev = summary["eval"]["student"]
     assert ev["n"] == 2 and 0 <= ev["exact_match"] <= 1 and ev["score"] >= 0
-    assert ev["samples"][0]["prompt"][0] == {"role": "system", "content": "Answer with the sum."}
+    assert ev["samples"][0]["prompt"][0] == {"role": "system", "content": "Answer with the result."}
     assert summary["timing"]["distill"]["steps"] == 2
     references = {json.loads(line)["messages"][-1]["content"] for line in chat_data.read_text().splitlines()}
     assert ev["samples"][0]["reference"] in references
@@ -363,5 +363,6 @@ def test_the_example_scorer_checks_the_sum():
     scorer = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(scorer)
     assert scorer.answer_is_sum("12 + 30 =", " 42 and more", None) == 1.0
+    assert scorer.answer_is_sum("Q: 34-12+5=?\nA:", " 27", None) == 1.0
     assert scorer.answer_is_sum([{"role": "user", "content": "1 + 1 ="}], "3", "2") == 0.0
     assert scorer.answer_and_length("1 + 1 =", "2 x", None) == {"correct": 1.0, "words": 2.0}

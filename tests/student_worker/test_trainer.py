@@ -228,7 +228,7 @@ def test_non_finite_losses_skip_steps_then_fail_the_run(make_spec, monkeypatch):
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(make_spec, tmp_path):
-    from teacher_server.tiny import build_model
+    from services.demo.tiny import build_model
 
     from teacher_server.engine import load_tokenizer_fingerprint
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from services.demo.tiny import build_bpe_tokenizer
 from teacher_server.contract import (
     SamplingParams,
     ScoreArgs,
@@ -33,7 +34,6 @@ from teacher_server.engine import (
     tokenizer_fingerprint,
 )
 from teacher_server.sampling import next_tokens, row_seed
-from teacher_server.tiny import build_tokenizer
 
 ATOL = 1e-5
 RTOL = 1e-5
@@ -332,9 +332,9 @@ def test_cancelled_rows_leave_and_others_finish(tiny_model):
 def test_tokenizer_fingerprint(tmp_path, tiny_llama):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    a = build_tokenizer(tmp_path / "a", vocab_size=512)
-    b = build_tokenizer(tmp_path / "b", vocab_size=512)
-    small = build_tokenizer(tmp_path / "small", vocab_size=300)
+    a = build_bpe_tokenizer(tmp_path / "a", vocab_size=512)
+    b = build_bpe_tokenizer(tmp_path / "b", vocab_size=512)
+    small = build_bpe_tokenizer(tmp_path / "small", vocab_size=300)
     assert tokenizer_fingerprint(a) == tokenizer_fingerprint(b)
     assert len(tokenizer_fingerprint(a)) == 64
     assert load_tokenizer_fingerprint(tmp_path / "a") == tokenizer_fingerprint(a)

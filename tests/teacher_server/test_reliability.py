@@ -159,7 +159,7 @@ def assert_alive(server, raw: Raw) -> None:
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory) -> Path:
     """A model big enough (and long enough) that a long generation takes many seconds on CPU."""
-    from teacher_server.tiny import build_model
+    from services.demo.tiny import build_model
 
     return build_model(tmp_path_factory.mktemp("slow-model"), family="llama", hidden=384, layers=6,
                        max_positions=2048, seed=3)

@@ -63,7 +63,7 @@ def test_tail_from_returned_counts_each_token_once():
 # ---------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from teacher_server.tiny import build_model
+    from services.demo.tiny import build_model
 
     # The head is padded past the tokenizer's 512 tokens, as many checkpoints are: both engines
     # must score and sample over the tokenizer's tokens only.
@@ -389,7 +389,7 @@ def test_a_kd_job_runs_against_the_vllm_served_teacher(served_vllm, model_dir, t
     import json
 
     from student_worker.config import JobSpec
-    from student_worker.data import arithmetic_rows
+    from services.demo.task import make_rows as arithmetic_rows
     from student_worker.trainer import Trainer, build_teacher
 
     _, endpoint = served_vllm

@@ -1,7 +1,7 @@
 """`distillery teacher demo`: serve a tiny teacher on loopback and score text through the client.
 
 This one shows the teacher contract alone, over a real gRPC server process, in seconds; the main
-demo (a trained teacher distilled through the whole stack) is `distillery demo` (services/demo.py).
+demo (a trained teacher distilled through the whole stack) is `distillery demo` (services/demo/job.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ SENTENCES = ["the teacher model learns 12 + 30 = 42.", "each student has one que
 
 
 def _ensure_model(cache_dir: Path) -> Path:
-    from teacher_server.tiny import build_model
+    from .tiny import build_model
 
     path = cache_dir / "tiny-teacher-llama"
     if not (path / "model.safetensors").exists():

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from student_worker import builtin
+from services.demo import builtin
 
 
 def test_prepare_trains_once_then_reuses_the_cache(tmp_path):

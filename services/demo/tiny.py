@@ -4,7 +4,7 @@ Nothing is downloaded: the tokenizer is a byte-level BPE trained with `tokenizer
 here, and the model is a transformers Llama or Qwen2 built from a config with seeded weights,
 saved as safetensors. Real users point the server at their own model directories instead.
 
-    python -m teacher_server.tiny /tmp/tiny-llama --family llama --hidden 64 --layers 2
+    python -m services.demo.tiny /tmp/tiny-llama --family llama --hidden 64 --layers 2
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def corpus(n_lines: int = 2000, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
+def build_bpe_tokenizer(out_dir: str | Path, vocab_size: int = 512, seed: int = 0):
     """Train a byte-level BPE on `corpus()` and save it as a transformers fast tokenizer of
     `vocab_size` tokens. The corpus holds about 2,000 merges; past them the vocabulary is filled
     with reserved tokens (`<reserved_i>`), as large real vocabularies are, so a model of any
@@ -78,7 +78,7 @@ def build_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(out, vocab_size=tokenizer_vocab)
+    tok = build_bpe_tokenizer(out, vocab_size=tokenizer_vocab)
     common = dict(
         vocab_size=vocab_size or len(tok),
         hidden_size=hidden,

@@ -26,10 +26,11 @@ from typing import Any, Callable
 
 import torch
 
+from student_worker.config import DataSpec
+from student_worker.data import encode, read_jsonl
+from student_worker.eval import evaluate, student_generator
+
 from . import task
-from .config import DataSpec
-from .data import encode, read_jsonl
-from .eval import evaluate, student_generator
 from .sft import new_model, train_sft
 
 RECIPE_VERSION = 1
@@ -143,7 +144,7 @@ def _build(recipe: Recipe, out: Path, progress: Progress | None) -> None:
     try:
         train_path, eval_path = task.write_splits(out, n_train=recipe.n_train, n_eval=recipe.n_eval, seed=recipe.seed,
                                                   digits=recipe.digits, terms=recipe.terms)
-        tokenizer = task.build_tokenizer(out / "tokenizer")
+        tokenizer = task.build_char_tokenizer(out / "tokenizer")
         train, evals = examples(train_path, tokenizer), examples(eval_path, tokenizer)
         scores: dict[str, Any] = {}
         for name, m in (("teacher", recipe.teacher), ("student", recipe.student)):

@@ -17,8 +17,8 @@ from typing import Callable
 
 import torch
 
-from .data import Example
-from .warmup import response_token_logprobs
+from student_worker.data import Example
+from student_worker.warmup import response_token_logprobs
 
 
 def new_model(tokenizer, *, hidden: int, layers: int, heads: int = 4, max_positions: int = 128,

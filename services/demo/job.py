@@ -2,7 +2,7 @@
 
     distillery demo                      # ~/.cache/distillery/builtin holds the models after run 1
 
-1. The built-in teacher and SFT student (student_worker.builtin) are trained on this machine, once.
+1. The built-in teacher and SFT student (services.demo.builtin) are trained on this machine, once.
 2. The one-machine stack comes up in its own state directory: Redis (REDIS_URL, else embedded),
    a local Ray head with its dashboard, the teacher server, the scheduler and the API.
 3. A job is submitted over REST: Warmup-Distill, then on-policy KD with the adaptive KL loss,
@@ -175,7 +175,8 @@ def run(*, job: DemoJob = DemoJob(), runs_dir: Path = Path("runs"), cache_dir: P
     """The whole demo; returns the run directory holding report.md, report.json and report.png."""
     from services import local
     from services.apiclient import ApiClient
-    from student_worker import builtin
+
+    from . import builtin
 
     console = console or Console()
     started = time.monotonic()
