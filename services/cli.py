@@ -8,6 +8,9 @@
     distillery export-merged RUN_DIR OUT    # a run's student as one model directory (LoRA merged)
     distillery teacher serve --model DIR    # the teacher inference server
     distillery api | scheduler              # the services, as deploy files run them
+
+An error the user can fix (a bad spec file or field, an environment variable, an unreachable API)
+prints one line and exits non-zero; `distillery --debug ...` shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -16,20 +19,92 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from services.demo import DemoJob as _DemoJob
+from services import defaults
+from teacher_server import defaults as teacher
 from teacher_server.model_dirs import ALLOW_DOWNLOADS_ENV
-from teacher_server.serve import DEFAULT_PORT
 
-DEMO_DEFAULTS = _DemoJob()
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
-app = typer.Typer(help="Distillery: on-policy knowledge distillation as a service.",
-                  no_args_is_help=True, add_completion=False)
+# Start-up stays light (`--help`, and the remote commands on a machine without torch): every
+# module that loads torch, transformers, Ray, gRPC or FastAPI is imported inside the command
+# that needs it (tests/test_cli.py checks).
+
+
+class BadInput(ValueError):
+    """A file or value the user gave that cannot be used; its message names it."""
+
+
+def user_error(exc: Exception) -> tuple[int, str] | None:
+    """(exit code, one line) for an error the user can fix: a file, a spec field, an environment
+    variable, an API address. None for anything else, which keeps its traceback (a bug)."""
+    from pydantic import ValidationError
+
+    from services.apiclient import ApiError
+    from services.settings import SettingsError
+
+    if isinstance(exc, (BadInput, SettingsError)):
+        return 2, str(exc)
+    if isinstance(exc, ValidationError):
+        return 2, f"invalid {exc.title}: {validation_problems(exc)}"
+    if isinstance(exc, ApiError):
+        return 1, f"error: {exc}"
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and exc.filename:
+        return 1, f"{exc.filename}: {exc.strerror}"
+    return None
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """A pydantic ValidationError in one line: `distill.loss: Input should be ...; ...`."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(spec)'}: {e['msg']}"
+                     for e in exc.errors(include_url=False))
+
+
+class DistilleryGroup(TyperGroup):
+    """The root command: a user's error ends in one line on stderr and a non-zero exit, instead
+    of a traceback (`distillery --debug ...` shows it)."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            known = None if ctx.params.get("debug") else user_error(exc)
+            if known is None:
+                raise
+            typer.echo(known[1], err=True)
+            raise typer.Exit(known[0]) from None
+
+
+app = typer.Typer(cls=DistilleryGroup, help="Distillery: on-policy knowledge distillation as a service.",
+                  no_args_is_help=True, add_completion=True)
 teacher_app = typer.Typer(help="The teacher inference server.", no_args_is_help=True)
 app.add_typer(teacher_app, name="teacher")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"distillery {version('distillery')}")
+        except PackageNotFoundError:
+            typer.echo("distillery (not installed: run from a source tree)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", envvar="DISTILLERY_DEBUG",
+                               help="Show the traceback of an error instead of one line."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the installed version and exit."),
+) -> None:
+    """Distillery: on-policy knowledge distillation as a service."""
 
 
 @teacher_app.command("serve")
@@ -37,12 +112,12 @@ def teacher_serve(
     model: str = typer.Option(..., "--model", help="Local model directory (config.json + *.safetensors), or a "
                               "hub id (org/name) in the hub cache."),
     revision: Optional[str] = typer.Option(None, help="Branch, tag or commit of a hub id --model (default main)."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes it (set --token then)."),
-    port: int = typer.Option(DEFAULT_PORT, help="gRPC port; 0 picks a free one (see --port-file)."),
+    host: str = typer.Option(teacher.HOST, help="Address to bind; 0.0.0.0 exposes it (set --token then)."),
+    port: int = typer.Option(teacher.DEFAULT_PORT, help="gRPC port; 0 picks a free one (see --port-file)."),
     port_file: Optional[Path] = typer.Option(None, help="Write the bound port here once listening."),
     engine: str = typer.Option("transformers", help="transformers (our forward and batcher) or vllm "
                                "(vLLM's continuous batching; pip install 'distillery[vllm]')."),
-    device: Optional[str] = typer.Option(None, help="cpu (default), cuda or cuda:N; the vllm "
+    device: Optional[str] = typer.Option(None, help=f"{teacher.DEVICE} (default), cuda or cuda:N; the vllm "
                                          "engine picks its own device (its build's platform)."),
     tensor_parallel_size: int = typer.Option(1, min=1, help="vllm: GPUs one teacher spans."),
     gpu_memory_utilization: Optional[float] = typer.Option(None, min=0.01, max=1.0, help="vllm: share "
@@ -50,22 +125,25 @@ def teacher_serve(
                                                            "CPU the share of RAM, default 0.1)."),
     kv_cache_memory_bytes: Optional[int] = typer.Option(None, min=1, help="vllm: KV cache size in "
                                                         "bytes (instead of the share)."),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    dtype: str = typer.Option(teacher.DTYPE, help="float32, bfloat16 or float16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the decoder."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
                                            help="Run Python code shipped in the model directory."),
     max_sequence_length: Optional[int] = typer.Option(None, min=1, help="Tokens per sequence at most "
                                                       "(default: the model's max positions)."),
-    max_batch_tokens: int = typer.Option(16384, min=1, help="Tokens merged into one forward."),
-    max_batch_requests: int = typer.Option(64, min=1, help="Requests merged into one forward (1 = no batching)."),
-    max_wait_ms: float = typer.Option(5.0, min=0, help="How long a request waits for company, ms."),
-    max_queue: int = typer.Option(256, min=1, help="Requests allowed to wait; more get RESOURCE_EXHAUSTED."),
-    top_k_limit: int = typer.Option(128, min=0, help="Largest top_k a request may ask for."),
-    max_full_row_positions: int = typer.Option(4096, min=0, help="Positions per request with full rows."),
-    max_message_mb: int = typer.Option(256, min=1, help="Largest reply, MiB: a Score or Generate "
+    max_batch_tokens: int = typer.Option(teacher.MAX_BATCH_TOKENS, min=1, help="Tokens merged into one forward."),
+    max_batch_requests: int = typer.Option(teacher.MAX_BATCH_REQUESTS, min=1,
+                                           help="Requests merged into one forward (1 = no batching)."),
+    max_wait_ms: float = typer.Option(teacher.MAX_WAIT_MS, min=0, help="How long a request waits for company, ms."),
+    max_queue: int = typer.Option(teacher.MAX_QUEUE, min=1,
+                                  help="Requests allowed to wait; more get RESOURCE_EXHAUSTED."),
+    top_k_limit: int = typer.Option(teacher.TOP_K_LIMIT, min=0, help="Largest top_k a request may ask for."),
+    max_full_row_positions: int = typer.Option(teacher.MAX_FULL_ROW_POSITIONS, min=0,
+                                               help="Positions per request with full rows."),
+    max_message_mb: int = typer.Option(teacher.MAX_MESSAGE_MB, min=1, help="Largest reply, MiB: a Score or Generate "
                                        "whose reply would be larger is refused before any work."),
-    max_request_mb: int = typer.Option(32, min=1, help="Largest request, MiB (refused unread)."),
-    rpc_threads: int = typer.Option(128, min=1, help="Threads serving calls (at least the queue "
+    max_request_mb: int = typer.Option(teacher.MAX_REQUEST_MB, min=1, help="Largest request, MiB (refused unread)."),
+    rpc_threads: int = typer.Option(teacher.RPC_THREADS, min=1, help="Threads serving calls (at least the queue "
                                     "plus two batches plus 16)."),
     threads: Optional[int] = typer.Option(None, min=1, help="Engine threads on CPU (default: "
                                           "torch's, one per core). On a CPU box shared with other "
@@ -73,8 +151,9 @@ def teacher_serve(
     token: Optional[str] = typer.Option(None, envvar="DISTILLERY_TEACHER_TOKEN",
                                         help="Bearer token required from clients."),
     metrics_port: Optional[int] = typer.Option(None, help="Serve Prometheus metrics on this port."),
-    grace_s: float = typer.Option(30.0, min=0, help="Seconds in-flight calls get after SIGTERM."),
-    drain_delay_s: float = typer.Option(0.5, min=0, help="Seconds NOT_SERVING shows before the port closes."),
+    grace_s: float = typer.Option(teacher.GRACE_S, min=0, help="Seconds in-flight calls get after SIGTERM."),
+    drain_delay_s: float = typer.Option(teacher.DRAIN_DELAY_S, min=0,
+                                        help="Seconds NOT_SERVING shows before the port closes."),
 ) -> None:
     """Serve a causal LM over gRPC (Info, Score, Generate) with dynamic batching."""
     from teacher_server.batcher import BatcherConfig
@@ -113,8 +192,8 @@ def teacher_serve(
     if host not in ("127.0.0.1", "localhost", "::1") and not token:
         logging.warning("teacher exposed on %s without --token: anyone who reaches it can use it", host)
     config = ServerConfig(
-        engine=EngineConfig(model_dir=model, revision=revision, device=device or "cpu", dtype=dtype, compile=compile,
-                            trust_remote_code=trust_remote_code,
+        engine=EngineConfig(model_dir=model, revision=revision, device=device or teacher.DEVICE, dtype=dtype,
+                            compile=compile, trust_remote_code=trust_remote_code,
                             max_sequence_length=max_sequence_length,
                             max_batch_tokens=max_batch_tokens, top_k_limit=top_k_limit,
                             max_full_row_positions=max_full_row_positions),
@@ -205,6 +284,24 @@ def down(state_dir: Optional[Path] = typer.Option(None, help="The state director
     typer.echo("stack stopped" if stopped else "no stack was up")
 
 
+def _read_spec(path: Path) -> dict[str, Any]:
+    """The document in a YAML or JSON spec file; BadInput names the file and the line."""
+    import yaml
+
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{path}: not valid JSON: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise BadInput(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: a job spec is a mapping of fields, got {type(data).__name__}")
+    return data
+
+
 @app.command("submit")
 def submit(
     spec_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="Job spec (YAML or JSON)."),
@@ -212,38 +309,27 @@ def submit(
     idempotency_key: Optional[str] = typer.Option(None, help="Resubmitting with the same key returns the same job."),
     api_url: Optional[str] = ApiUrl, api_key: Optional[str] = ApiKey,
 ) -> None:
-    """Submit a job spec to the API."""
-    import yaml
-
-    from services.apiclient import ApiError
-
-    text = spec_path.read_text()
-    spec = json.loads(text) if spec_path.suffix == ".json" else yaml.safe_load(text)
+    """Submit a job spec to the API (which validates it)."""
     client = _client(api_url, api_key)
-    try:
-        job = client.submit(spec, idempotency_key)
-        typer.echo(f"{job['id']} {job['state']}")
-        if follow:
-            _follow(client, job["id"])
-    except ApiError as exc:
-        _fail(exc)
+    job = client.submit(_read_spec(spec_path), idempotency_key)
+    typer.echo(f"{job['id']} {job['state']}")
+    if follow:
+        _follow(client, job)
 
 
-def _follow(client, job_id: str) -> None:
+def _follow(client, job: dict[str, Any]) -> None:
     from rich.console import Console
 
     from services.progress import step_bar
 
     console = Console(stderr=True)
-    state = "queued"
+    job_id, spec = job["id"], job["spec"]
     with step_bar(console) as bar:
-        task = bar.add_task(f"{job_id} queued", total=None, info="")
+        task = bar.add_task(f"{job_id} {job['state']}", total=None, info="")
         for ev in client.events(job_id, on_retry=lambda msg: console.print(f"[yellow]{msg}[/yellow]")):
             if ev.get("kind") == "state":
-                state = ev["state"]
-                bar.update(task, description=f"{job_id} {state}")
+                bar.update(task, description=f"{job_id} {ev['state']}")
             elif ev.get("kind") == "metrics" and "loss" in ev and ev.get("rank", 0) == 0:
-                spec = client.job(job_id)["spec"]
                 total = spec.get(ev["stage"], {}).get("steps")
                 info = f"loss {ev['loss']:.4f}" + (f"  {ev['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in ev else "")
                 bar.update(task, description=f"{job_id} {ev['stage']}", completed=ev["step"], total=total, info=info)
@@ -255,18 +341,14 @@ def _follow(client, job_id: str) -> None:
 
 @app.command("jobs")
 def jobs(state: Optional[str] = typer.Option(None, help="Only jobs in this state."),
-         limit: int = typer.Option(50, min=1, max=1000),
+         limit: int = typer.Option(defaults.JOBS_PAGE_DEFAULT, min=1, max=defaults.JOBS_PAGE_MAX,
+                                   help="Jobs to show at most."),
          api_url: Optional[str] = ApiUrl, api_key: Optional[str] = ApiKey) -> None:
     """List jobs, newest first."""
     from rich.console import Console
     from rich.table import Table
 
-    from services.apiclient import ApiError
-
-    try:
-        listing = _client(api_url, api_key).jobs(state, limit)
-    except ApiError as exc:
-        _fail(exc)
+    listing = _client(api_url, api_key).jobs(state, limit)
     table = Table()
     for col in ("id", "state", "attempt", "stage", "step", "loss", "note"):
         table.add_column(col)
@@ -281,35 +363,20 @@ def jobs(state: Optional[str] = typer.Option(None, help="Only jobs in this state
 @app.command("status")
 def status(job_id: str, api_url: Optional[str] = ApiUrl, api_key: Optional[str] = ApiKey) -> None:
     """Show one job's record."""
-    from services.apiclient import ApiError
-
-    try:
-        typer.echo(json.dumps(_client(api_url, api_key).job(job_id), indent=2))
-    except ApiError as exc:
-        _fail(exc)
+    typer.echo(json.dumps(_client(api_url, api_key).job(job_id), indent=2))
 
 
 @app.command("cancel")
 def cancel(job_id: str, api_url: Optional[str] = ApiUrl, api_key: Optional[str] = ApiKey) -> None:
     """Cancel a job (queued: at once; running: the scheduler stops its Ray job)."""
-    from services.apiclient import ApiError
-
-    try:
-        result = _client(api_url, api_key).cancel(job_id)
-    except ApiError as exc:
-        _fail(exc)
+    result = _client(api_url, api_key).cancel(job_id)
     typer.echo(f"{job_id} {result.get('state')}")
 
 
 @app.command("resume")
 def resume(job_id: str, api_url: Optional[str] = ApiUrl, api_key: Optional[str] = ApiKey) -> None:
     """Queue a failed or cancelled job again; it carries on from its last checkpoint."""
-    from services.apiclient import ApiError
-
-    try:
-        job = _client(api_url, api_key).resume(job_id)
-    except ApiError as exc:
-        _fail(exc)
+    job = _client(api_url, api_key).resume(job_id)
     typer.echo(f"{job_id} {job.get('state')} (attempt {job.get('attempt')} ended; the next resumes from its "
                "last checkpoint)")
 
@@ -317,21 +384,10 @@ def resume(job_id: str, api_url: Optional[str] = ApiUrl, api_key: Optional[str] 
 @app.command("logs")
 def logs(job_id: str, follow: bool = typer.Option(False, "--follow", "-f", help="Keep streaming until the job ends."),
          api_url: Optional[str] = ApiUrl, api_key: Optional[str] = ApiKey) -> None:
-    """Print a job's events (state changes and per-step metrics) as JSON lines."""
-    from services.apiclient import ApiError
-
+    """Print a job's events (state changes, per-step metrics) as JSON lines; the last says how it stands."""
     client = _client(api_url, api_key)
-    try:
-        if follow:
-            for ev in client.events(job_id, on_retry=lambda msg: typer.echo(msg, err=True)):
-                typer.echo(json.dumps(ev))
-        else:
-            listing = client.http.get(f"/v1/jobs/{job_id}/events", params={"follow": "false"})
-            for line in listing.iter_lines():
-                if line.startswith("data:"):
-                    typer.echo(line[5:].strip())
-    except ApiError as exc:
-        _fail(exc)
+    for ev in client.events(job_id, follow=follow, on_retry=lambda msg: typer.echo(msg, err=True)):
+        typer.echo(json.dumps(ev))
 
 
 @app.command("spec")
@@ -369,7 +425,17 @@ def train(
     run_dir: Optional[Path] = typer.Option(None, help="Override checkpoint.dir of the spec."),
 ) -> None:
     """Run one distillation job in this process (local or served teacher), with a progress bar."""
+    from pydantic import ValidationError
+
     from student_worker.config import JobSpec
+
+    try:  # before torch loads: one line naming the file and the field
+        spec = JobSpec.model_validate(_read_spec(spec_path))
+    except ValidationError as exc:
+        raise BadInput(f"{spec_path}: {validation_problems(exc)}") from None
+    if run_dir is not None:
+        spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"dir": str(run_dir)})})
+
     from student_worker.data import DataError
     from student_worker.eval import ScorerError
     from student_worker.trainer import NonFiniteLoss, check_inputs
@@ -380,14 +446,10 @@ def train(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One user on their own machine: a hub id missing from the cache is downloaded (unless they set 0).
     os.environ.setdefault(ALLOW_DOWNLOADS_ENV, "1")
-    spec = JobSpec.from_file(spec_path)
-    if run_dir is not None:
-        spec = spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"dir": str(run_dir)})})
     try:  # before the teacher loads: one line naming the field, not a traceback minutes later
         check_inputs(spec)
     except ValueError as exc:
-        typer.echo(f"{spec_path}: {exc}", err=True)
-        raise typer.Exit(2)
+        raise BadInput(f"{spec_path}: {exc}") from None
     with TrainProgress(spec) as progress:
         try:  # the Python API's in-process run: trainer, checkpoints, trackers (spec.tracking)
             summary = run_in_process(spec, on_metrics=progress.update).summary
@@ -425,8 +487,8 @@ def demo(
     runs_dir: Path = typer.Option(Path("runs"), help="Where the demo job's run directory goes."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where the built-in teacher and student are cached "
                                              "(default ~/.cache/distillery/builtin)."),
-    distill_steps: int = typer.Option(DEMO_DEFAULTS.distill_steps, min=1, help="KD steps of the demo job."),
-    warmup_steps: int = typer.Option(DEMO_DEFAULTS.warmup_steps, min=1, help="Warmup-Distill steps of the demo job."),
+    distill_steps: int = typer.Option(defaults.DEMO_DISTILL_STEPS, min=1, help="KD steps of the demo job."),
+    warmup_steps: int = typer.Option(defaults.DEMO_WARMUP_STEPS, min=1, help="Warmup-Distill steps of the demo job."),
     state_dir: Optional[Path] = typer.Option(None, help="State directory of the demo's own stack "
                                              "(default ~/.cache/distillery/demo-stack)."),
     quick: bool = typer.Option(False, "--quick", help="Barely trained models and a few steps: checks that "

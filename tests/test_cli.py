@@ -1,11 +1,14 @@
-"""The `distillery` command: help texts, and a clear refusal of a model without safetensors."""
+"""The `distillery` command: help texts, a clear refusal of a model without safetensors, a light start,
+one-line user errors, and defaults that are the configs' own."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -63,3 +66,114 @@ def test_serve_engine_choices_are_checked_before_anything_loads(tiny_llama):
     if importlib.util.find_spec("vllm") is None:
         result = runner.invoke(app, [*serve, "--engine", "vllm"])
         assert result.exit_code == 2 and "pip install 'distillery[vllm]'" in result.output
+
+
+# ------------------------------------------------------------------------ start-up and user errors
+HEAVY = ("torch", "transformers", "ray", "grpc", "fastapi")
+
+
+def closed_port_url() -> str:
+    """An address where nothing listens (a port just released): connecting is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_start_and_remote_commands_import_nothing_heavy(tmp_path):
+    """`--help` and the remote commands load neither torch, transformers, Ray, gRPC nor FastAPI:
+    fast to start, and usable where only the client's light dependencies are installed (README)."""
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: x\n")
+    url = closed_port_url()
+    script = f"""
+import sys
+from services.cli import app
+for args in (["--help"], ["jobs"], ["status", "j1"], ["cancel", "j1"], ["resume", "j1"], ["logs", "j1"],
+             ["logs", "j1", "--follow"], ["submit", {str(spec)!r}]):
+    try:
+        app([*args, "--api-url", {url!r}] if args != ["--help"] else args)
+    except SystemExit:
+        pass
+print("HEAVY:" + ",".join(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "HEAVY:\n" in run.stdout, run.stdout + run.stderr
+    assert run.stderr.count(f"no API at {url}") == 7 and "Traceback" not in run.stderr
+
+
+def test_unreachable_api_is_one_line_naming_it_and_debug_shows_the_traceback():
+    from services.apiclient import ApiError
+
+    url = closed_port_url()
+    result = runner.invoke(app, ["jobs", "--api-url", url])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [f"error: no API at {url} (is the stack up? `distillery up`)"]
+    result = runner.invoke(app, ["--debug", "jobs", "--api-url", url])
+    assert isinstance(result.exception, ApiError)
+
+
+def test_bad_spec_files_are_one_line_naming_file_and_field(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("name: x\ndistill: [1, 2\nlog_every: 3\n")
+    a_list = tmp_path / "list.yaml"
+    a_list.write_text("- 1\n")
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text("student: {model: s}\nteacher: {local_model: t}\ndata: {path: d.jsonl}\n"
+                       "distill: {loss: nope}\n")
+    for command in ("train", "submit"):  # submit reads the file before it calls the API
+        result = runner.invoke(app, [command, str(bad_yaml), *(["--api-url", closed_port_url()]
+                                                                if command == "submit" else [])])
+        assert result.exit_code == 2
+        assert result.stderr.splitlines() == [f"{bad_yaml}: not valid YAML at line 3, column 10: expected ',' "
+                                              "or ']', but got ':'"]
+    result = runner.invoke(app, ["train", str(a_list)])
+    assert result.exit_code == 2 and result.stderr.strip() == f"{a_list}: a job spec is a mapping of fields, got list"
+    result = runner.invoke(app, ["train", str(invalid)])
+    assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"{invalid}: distill.loss: Input should be 'fkl'")
+
+
+def test_a_bad_setting_names_the_variable():
+    result = runner.invoke(app, ["jobs"], env={"DISTILLERY_API_PORT": "abc"})
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "DISTILLERY_API_PORT='abc': expected an integer"
+
+
+def test_jobs_limit_is_bounded_like_the_api():
+    from services.defaults import JOBS_PAGE_MAX
+
+    result = runner.invoke(app, ["jobs", "--limit", str(JOBS_PAGE_MAX + 1)])
+    assert result.exit_code == 2 and "--limit" in result.output
+
+
+def test_version_and_completion():
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"distillery {version('distillery')}\n"
+    assert "--install-completion" in runner.invoke(app, ["--help"]).output
+
+
+def test_demo_defaults_are_the_demo_jobs():
+    from services.defaults import DEMO_DISTILL_STEPS, DEMO_WARMUP_STEPS
+    from services.demo import DemoJob
+
+    assert (DemoJob().distill_steps, DemoJob().warmup_steps) == (DEMO_DISTILL_STEPS, DEMO_WARMUP_STEPS)
+
+
+def test_serve_defaults_are_the_configs(tmp_path, monkeypatch):
+    """With no flags, `teacher serve` builds exactly the configs' defaults (teacher_server/defaults.py)."""
+    import teacher_server.model_dirs as model_dirs
+    import teacher_server.serve as serve
+    from teacher_server.batcher import BatcherConfig
+    from teacher_server.engine import EngineConfig
+
+    monkeypatch.delenv("DISTILLERY_TEACHER_TOKEN", raising=False)
+    monkeypatch.setattr(model_dirs, "resolve_model", lambda model, revision: SimpleNamespace(path=Path(model)))
+    monkeypatch.setattr(model_dirs, "check_model_dir", lambda path: path)
+    built = []
+    monkeypatch.setattr(serve, "run", lambda config: built.append(config) or 0)
+    result = runner.invoke(app, ["teacher", "serve", "--model", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    expected = serve.ServerConfig(engine=EngineConfig(model_dir=str(tmp_path)), batcher=BatcherConfig())
+    assert built == [expected]
