@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from services.demo.tiny import build_model  # noqa: E402
 from teacher_server.client import TeacherClient  # noqa: E402
-from teacher_server.local import LocalTeacher  # noqa: E402
+from teacher_server.in_process import LocalTeacher  # noqa: E402
 from teacher_server.process import start_teacher  # noqa: E402
 
 

@@ -46,7 +46,7 @@ from student_worker.config import JobSpec  # noqa: E402
 from student_worker.losses import distill_loss  # noqa: E402
 from student_worker.rollout import sample_responses, score_batch, student_logits  # noqa: E402
 from student_worker.trainer import Trainer, build_teacher  # noqa: E402
-from teacher_server.local import LocalTeacher  # noqa: E402
+from teacher_server.in_process import LocalTeacher  # noqa: E402
 from teacher_server.process import start_teacher  # noqa: E402
 
 SECTIONS = ("teachers", "workers", "trl")

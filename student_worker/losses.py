@@ -47,7 +47,7 @@ from .divergences import (
 )
 
 __all__ = [
-    "DIVERGENCES", "TEACHER_LOGPROB_FLOOR", "DenseTeacher", "SparseTeacher", "adaptive_kl",
+    "DIVERGENCES", "TEACHER_LOGPROB_FLOOR", "DenseTeacher", "SparseTeacher", "TeacherTargets", "adaptive_kl",
     "akl_weights", "coarsen_sparse", "distill_loss", "dpo_loss", "forward_kl", "generalized_jsd",
     "get_divergence", "hinge_loss", "reverse_kl", "sequence_logprobs", "simpo_loss",
     "skew_forward_kl", "skew_reverse_kl", "token_divergence", "total_variation",
@@ -93,7 +93,9 @@ class SparseTeacher:
         return cls(ids, vals, token_ids, token_lp, outside_logmass(logprobs, ids, token_ids))
 
 
-Teacher = DenseTeacher | SparseTeacher
+# What a loss compares the student with: the teacher's answer as tensors (not the service
+# interface `teacher_server.contract.Teacher`, which produces it).
+TeacherTargets = DenseTeacher | SparseTeacher
 
 
 def coarsen_sparse(
@@ -162,7 +164,7 @@ def _check_student(student_logits: Tensor) -> None:
                          f"{student_logits.dtype} {tuple(student_logits.shape)}")
 
 
-def _check_teacher(teacher: Teacher, shape: tuple[int, int, int]) -> None:
+def _check_teacher(teacher: TeacherTargets, shape: tuple[int, int, int]) -> None:
     b, t, v = shape
     if isinstance(teacher, DenseTeacher):
         if tuple(teacher.logprobs.shape) != shape:
@@ -184,7 +186,7 @@ def _check_teacher(teacher: Teacher, shape: tuple[int, int, int]) -> None:
                         f"got {type(teacher).__name__}")
 
 
-def _slice_teacher(teacher: Teacher, start: int, stop: int, device: torch.device) -> Teacher:
+def _slice_teacher(teacher: TeacherTargets, start: int, stop: int, device: torch.device) -> TeacherTargets:
     """Positions start:stop of the teacher, on the student's device (a no-op when already there)."""
     if isinstance(teacher, DenseTeacher):
         return DenseTeacher(teacher.logprobs[:, start:stop].to(device))
@@ -194,7 +196,7 @@ def _slice_teacher(teacher: Teacher, start: int, stop: int, device: torch.device
 
 
 def _chunk_divergence(
-    logits: Tensor, teacher: Teacher, mask: Tensor, div: Divergence, dtype: torch.dtype,
+    logits: Tensor, teacher: TeacherTargets, mask: Tensor, div: Divergence, dtype: torch.dtype,
     temperature: float,
 ) -> Tensor:
     """[B, t] divergences of one slice of positions; only the masked rows are computed."""
@@ -214,7 +216,7 @@ def _chunk_divergence(
 
 def token_divergence(
     student_logits: Tensor,
-    teacher: Teacher,
+    teacher: TeacherTargets,
     mask: Tensor | None = None,
     *,
     loss: str = "fkl",
@@ -262,7 +264,7 @@ def token_divergence(
 
 def distill_loss(
     student_logits: Tensor,
-    teacher: Teacher,
+    teacher: TeacherTargets,
     mask: Tensor,
     *,
     loss: str = "fkl",

@@ -27,7 +27,7 @@ from torch import nn
 from teacher_server.model_dirs import check_model_dir
 
 from .config import StudentSpec
-from .losses import DenseTeacher, SparseTeacher
+from .losses import DenseTeacher, SparseTeacher, TeacherTargets
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def slice_vocab(model: nn.Module, tokenizer_size: int) -> int:
     return _SLICED.get(head, vocab)
 
 
-def restrict_teacher(teacher: SparseTeacher | DenseTeacher, vocab: int) -> SparseTeacher | DenseTeacher:
+def restrict_teacher(teacher: TeacherTargets, vocab: int) -> TeacherTargets:
     """The teacher's judgement over ids [0, vocab) only, renormalized to them.
 
     Dense rows [..., V'] are cut to `vocab` and renormalized. A sparse teacher's top-k ids >= vocab

@@ -15,7 +15,7 @@ import torch
 from teacher_server.contract import SamplingParams, ScoredSequence, Teacher
 from teacher_server.sampling import generate
 
-from .losses import DenseTeacher, SparseTeacher
+from .losses import DenseTeacher, SparseTeacher, TeacherTargets
 
 
 @dataclass
@@ -27,7 +27,7 @@ class KDBatch:
     prompt_lens: torch.Tensor  # int64 [B]
     response_ids: torch.Tensor  # int64 [B, R], right-padded responses
     response_mask: torch.Tensor  # bool [B, R]
-    teacher: SparseTeacher | DenseTeacher  # [B, R, ...] aligned with response_ids
+    teacher: TeacherTargets  # [B, R, ...] aligned with response_ids
 
     @property
     def num_response_tokens(self) -> int:

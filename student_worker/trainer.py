@@ -113,7 +113,7 @@ def build_teacher(spec: TeacherSpec, on_unavailable: Callable[[str], None] | Non
     import os
 
     if spec.local_model:
-        from teacher_server.local import LocalTeacher
+        from teacher_server.in_process import LocalTeacher
 
         return LocalTeacher.from_model_dir(spec.local_model, revision=spec.revision)
     from teacher_server.client import TeacherClient

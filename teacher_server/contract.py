@@ -1,6 +1,6 @@
 """The teacher contract in Python: typed requests, results, errors and the `Teacher` protocol.
 
-Three implementations answer it: `client.TeacherClient` (gRPC), `local.LocalTeacher` (in-process)
+Three implementations answer it: `client.TeacherClient` (gRPC), `in_process.LocalTeacher`
 and test doubles. The first two delegate to the same `engine.TeacherEngine`, so their answers are
 the same numbers. Student code depends on this module only.
 """

@@ -20,7 +20,7 @@ from student_worker.eval import (
     student_generator,
     teacher_generator,
 )
-from teacher_server.local import LocalTeacher
+from teacher_server.in_process import LocalTeacher
 
 PAIRS = [
     ("what is 2 + 3 =", "2 + 3 = 5."),

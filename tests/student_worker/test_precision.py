@@ -212,7 +212,7 @@ def test_a_finished_run_is_never_overwritten(make_spec, tmp_path):
 def test_an_in_process_teacher_ignores_the_students_autocast(tiny_llama):
     """Eval of a bf16-mixed student with `local_model` runs the teacher inside the student's
     autocast: the teacher's answers must stay what it serves (its own dtype)."""
-    from teacher_server.local import LocalTeacher
+    from teacher_server.in_process import LocalTeacher
 
     teacher = LocalTeacher.from_model_dir(str(tiny_llama))
     seqs = [torch.tensor([1, 2, 3, 4, 5, 6])]

@@ -19,7 +19,7 @@ from student_worker.losses import token_divergence
 from student_worker.rollout import collate
 from teacher_server.client import TeacherClient
 from teacher_server.engine import EngineConfig, TeacherEngine
-from teacher_server.local import LocalTeacher
+from teacher_server.in_process import LocalTeacher
 from teacher_server.serve import ServerConfig, TeacherServer
 
 VOCAB = 32_000

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from student_worker.checkpoint import CheckpointManager
 from student_worker.trainer import NonFiniteLoss, Trainer, build_teacher
 from teacher_server.contract import TeacherMismatch
-from teacher_server.local import LocalTeacher
+from teacher_server.in_process import LocalTeacher
 from teacher_server.process import start_teacher
 
 

@@ -25,7 +25,7 @@ from student_worker.warmup import (
     response_token_logprobs,
 )
 from teacher_server.contract import Generation, SamplingParams, ScoredSequence, TeacherInfo, as_ids
-from teacher_server.local import LocalTeacher
+from teacher_server.in_process import LocalTeacher
 
 LOG = math.log
 

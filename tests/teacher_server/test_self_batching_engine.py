@@ -13,7 +13,7 @@ import torch
 from teacher_server.client import TeacherClient
 from teacher_server.contract import InvalidRequest, SamplingParams
 from teacher_server.engine import EngineConfig, TeacherEngine
-from teacher_server.local import LocalTeacher
+from teacher_server.in_process import LocalTeacher
 from teacher_server.pb import teacher_pb2 as pb
 from teacher_server.pb import teacher_pb2_grpc as pb_grpc
 from teacher_server.serve import ServerConfig, TeacherServer

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from teacher_server.client import TeacherClient
 from teacher_server.contract import InvalidRequest, SamplingParams, TeacherError
-from teacher_server.local import LocalTeacher
+from teacher_server.in_process import LocalTeacher
 
 ATOL = 1e-5
 TOKEN = "s3cret"
