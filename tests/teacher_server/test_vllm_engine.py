@@ -382,31 +382,72 @@ def test_served_vllm_answers_as_in_process_with_the_same_status_codes(served_vll
                 client.score(seqs, [3, 1], top_k=4, **bad)
 
 
-@needs_vllm
-def test_a_kd_job_runs_against_the_vllm_served_teacher(served_vllm, model_dir, tmp_path):
-    """`distillery train`'s Trainer, on-policy, with the vLLM-served teacher (student: the same
-    tiny model, so the tokenizers match)."""
+def vllm_job_spec(endpoint: str, model_dir, tmp_path, **resources) -> dict:
+    """A short on-policy RKL job whose teacher is the vLLM-served one (student: the same tiny model,
+    so the tokenizers match), with an eval."""
     import json
 
-    from student_worker.config import JobSpec
     from services.demo.task import make_rows as arithmetic_rows
-    from student_worker.trainer import Trainer, build_teacher
 
-    _, endpoint = served_vllm
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(40, seed=0)))
-    spec = JobSpec.model_validate({
+    return {
         "student": {"model": str(model_dir)}, "teacher": {"endpoints": [endpoint]},
         "data": {"path": str(data), "max_prompt_tokens": 16, "max_response_tokens": 8},
         "distill": {"loss": "rkl", "steps": 2, "batch_size": 4, "top_k": 8, "max_new_tokens": 6,
                     "lr": 1e-3, "warmup_steps": 0},
         "checkpoint": {"dir": str(tmp_path / "run"), "every_steps": 10},
-        "eval": {"enabled": True, "max_samples": 4, "max_new_tokens": 4, "batch_size": 4}})
-    seen = []
-    trainer = Trainer(spec, build_teacher(spec.teacher), on_metrics=seen.append)
-    trainer.setup()
-    summary = trainer.train()
-    trainer.cleanup()
-    losses = [m["loss"] for m in seen if m.get("stage") == "distill"]
+        "eval": {"enabled": True, "max_samples": 4, "max_new_tokens": 4, "batch_size": 4},
+        "resources": {"workers": 1, "cpus_per_worker": 1, **resources}}
+
+
+def distill_losses(run_dir) -> list[float]:
+    import json
+
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    return [e["loss"] for e in map(json.loads, lines)
+            if e.get("kind", "metrics") == "metrics" and e.get("stage") == "distill" and "loss" in e]
+
+
+@needs_vllm
+def test_distillery_train_runs_against_the_vllm_served_teacher(served_vllm, model_dir, tmp_path):
+    """`distillery train job.yaml`, in this process, with the vLLM-served teacher."""
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    _, endpoint = served_vllm
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump(vllm_job_spec(endpoint, model_dir, tmp_path)))
+    result = CliRunner().invoke(app, ["train", str(spec)])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stage"] == "done" and "teacher" in summary["eval"], summary
+    assert (run_dir / "checkpoints" / "done-00000000" / "model.safetensors").exists()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_ray_job_runs_against_the_vllm_served_teacher(served_vllm, model_dir, tmp_path):
+    """The same job as a Ray job (Ray Train worker, gloo), its teacher served by vLLM."""
+    import os
+
+    ray = pytest.importorskip("ray")
+    from student_worker.config import JobSpec
+    from student_worker.run import run
+
+    _, endpoint = served_vllm
+    spec = JobSpec.model_validate(vllm_job_spec(endpoint, model_dir, tmp_path))
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    try:
+        summary = run(spec, "vllm-teacher-job", [])
+    finally:
+        ray.shutdown()
+    assert summary["stage"] == "done" and "teacher" in summary["eval"], summary
+    losses = distill_losses(tmp_path / "run")
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    assert summary["stage"] == "done" and "teacher" in summary["eval"]
