@@ -99,7 +99,7 @@ def run(spec: SpecLike, *, run_dir: str | Path | None = None, on_metrics: Metric
         if on_metrics is not None:
             on_metrics(m)
 
-    trainer = Trainer(spec, build_teacher(spec.teacher), on_metrics=on_step)
+    trainer = Trainer(spec, build_teacher(spec.teacher, job_id=spec.name), on_metrics=on_step)
     tracker = open_tracker(spec)
     failed = True
     try:

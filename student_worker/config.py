@@ -125,6 +125,9 @@ class TeacherSpec(_Strict):
                                            "then the job fails with `teacher unavailable at <endpoints> since <time>`.")
     token_env: str | None = Field(None, max_length=128,
                                   description="Environment variable holding the teacher's bearer token.")
+    weight: float = Field(1.0, ge=0.01, le=100, description="This job's share of served teachers that several jobs "
+                                                             "use: each server queues jobs fairly by weight (its "
+                                                             "operator's --job-weight for the job wins).")
     chat_template: str | None = Field(
         None, description="The teacher's chat template: a Jinja file, or a directory whose tokenizer has one. "
                           "Templated prompts are rendered with the student's template and the teacher scores those "

@@ -170,7 +170,7 @@ def train_worker(spec: JobSpec, sink: EventSink, *, job_id: str, rank: int = 0, 
         if on_metrics is not None:
             on_metrics(m)
 
-    trainer = Trainer(spec, build_teacher(spec.teacher, on_teacher_wait), rank=rank, world=world,
+    trainer = Trainer(spec, build_teacher(spec.teacher, on_teacher_wait, job_id=job_id), rank=rank, world=world,
                       on_metrics=on_step, on_checkpoint=on_checkpoint)
     tracker = open_tracker(spec, rank=rank, run_name=job_id, job_id=job_id)  # TensorBoard, MLflow, W&B on rank 0
     failed = True

@@ -28,6 +28,7 @@ UNITS: dict[str, str] = {
     "student.lora.dropout": "probability",
     "teacher.timeout_s": "seconds",
     "teacher.unavailable_timeout_s": "seconds",
+    "teacher.weight": "× a weight-1 job's share",
     "teacher.ray_actor.replicas": "replicas",
     "teacher.ray_actor.num_cpus": "CPUs",
     "teacher.ray_actor.num_gpus": "GPUs",

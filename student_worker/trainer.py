@@ -105,11 +105,13 @@ def check_inputs(spec: JobSpec) -> None:
     check_data(spec)
 
 
-def build_teacher(spec: TeacherSpec, on_unavailable: Callable[[str], None] | None = None) -> Teacher:
+def build_teacher(spec: TeacherSpec, on_unavailable: Callable[[str], None] | None = None,
+                  job_id: str | None = None) -> Teacher:
     """A gRPC client for served teachers, or the teacher in-process for `local_model`.
 
     A served teacher that stops answering is waited for up to `spec.unavailable_timeout_s`;
-    `on_unavailable(message)` hears once per call that waits."""
+    `on_unavailable(message)` hears once per call that waits. Calls name `job_id` and ask for
+    `spec.weight`, so a server that several jobs share queues them fairly."""
     import os
 
     if spec.local_model:
@@ -120,7 +122,7 @@ def build_teacher(spec: TeacherSpec, on_unavailable: Callable[[str], None] | Non
 
     token = os.environ.get(spec.token_env) if spec.token_env else None
     return TeacherClient(spec.endpoints, timeout_s=spec.timeout_s, unavailable_timeout_s=spec.unavailable_timeout_s,
-                         token=token, on_unavailable=on_unavailable)
+                         token=token, on_unavailable=on_unavailable, job_id=job_id, job_weight=spec.weight)
 
 
 def step_seed(*parts: object) -> int:

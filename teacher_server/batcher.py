@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,13 +72,19 @@ class BatcherConfig:
     max_wait_ms: float = defaults.MAX_WAIT_MS  # longest a request waits for company
     max_queue: int = defaults.MAX_QUEUE  # requests waiting; more are refused
     score_share: float = 0.5  # most of the time Score steps take while a Generate runs
+    # requests one job may have waiting; more from that job are refused (0: only max_queue bounds it)
+    max_queue_per_job: int = defaults.MAX_QUEUE_PER_JOB
+    job_weights: tuple[tuple[str, float], ...] = ()  # (job, weight): the operator's, over the client's
 
 
 class Ticket:
     """One queued request: wait for it with `result()`, or `cancel()` it."""
 
-    def __init__(self, kind: str, payload: Any, tokens: int, deadline: float | None) -> None:
+    def __init__(self, kind: str, payload: Any, tokens: int, deadline: float | None,
+                 job: str = "", weight: float = 1.0) -> None:
         self.kind = kind  # "score" | "generate"
+        self.job = job  # the job that sent it ("" when the client named none)
+        self.weight = weight  # its job's share relative to other jobs'
         self.payload = payload
         self.tokens = tokens
         self.deadline = deadline  # time.monotonic() seconds, or None
@@ -155,6 +161,12 @@ class Batcher:
         self._scores_waiting = 0  # Score tickets in the queue (a cheap check for the generate poll)
         self._interleave_after = 0.0  # no interleaved Score step before this time.monotonic()
         self._interleaved_s = 0.0  # seconds of Score run inside the current Generate
+        # Weighted fair queueing across jobs: each job's virtual time is the tokens it was served
+        # divided by its weight; the job furthest behind goes first (see `_take_score_step`).
+        self._job_weights = dict(config.job_weights)
+        self._vt: dict[str, float] = {}
+        self._vclock = 0.0  # virtual time of the latest service: a job that was idle starts here
+        self._waiting: Counter[str] = Counter()  # requests waiting, per job
         self._thread = threading.Thread(target=self._loop, name="teacher-batcher", daemon=True)
 
     def start(self) -> "Batcher":
@@ -169,24 +181,46 @@ class Batcher:
         self._thread.join(timeout)
 
     # ------------------------------------------------------------------ submit
-    def submit_score(self, args: ScoreArgs, deadline: float | None = None) -> Ticket:
-        ticket = Ticket("score", args, sum(len(s) for s in args.sequences), deadline)
+    def submit_score(self, args: ScoreArgs, deadline: float | None = None, *, job: str = "",
+                     weight: float | None = None) -> Ticket:
+        """Queue a Score for `job` (its weight: the server's `job_weights`, else `weight`, else 1)."""
+        ticket = Ticket("score", args, sum(len(s) for s in args.sequences), deadline, job,
+                        self.weight_of(job, weight))
         ticket.parts = [None] * len(args.sequences)
         ticket.last_served = self._steps - 1  # round-robin: its turn comes after those served since
         return self._enqueue(ticket)
 
     def submit_generate(self, prompts: list[torch.Tensor], params: SamplingParams,
-                        deadline: float | None = None) -> Ticket:
+                        deadline: float | None = None, *, job: str = "",
+                        weight: float | None = None) -> Ticket:
         tokens = sum(len(p) + params.max_new_tokens for p in prompts)
-        return self._enqueue(Ticket("generate", (prompts, params), tokens, deadline))
+        return self._enqueue(Ticket("generate", (prompts, params), tokens, deadline, job,
+                                    self.weight_of(job, weight)))
+
+    def weight_of(self, job: str, requested: float | None = None) -> float:
+        """A job's weight: the operator's (`job_weights`) wins over the one its client asked for."""
+        if job in self._job_weights:
+            return self._job_weights[job]
+        return 1.0 if requested is None else requested
 
     def _enqueue(self, ticket: Ticket) -> Ticket:
+        job = ticket.job
         with self._q.cond:
             if self._stopping:
                 raise Overloaded("the teacher is shutting down")
-            if len(self._q.items) >= self.config.max_queue:
+            cap = self.config.max_queue_per_job
+            if len(self._q.items) >= self.config.max_queue or (cap and self._waiting[job] >= cap):
                 self.metrics.rejected.inc()
-                raise Overloaded(f"teacher queue is full ({self.config.max_queue} requests waiting)")
+                self.metrics.job(job).rejected.inc()
+                if len(self._q.items) >= self.config.max_queue:
+                    raise Overloaded(f"teacher queue is full ({self.config.max_queue} requests waiting)")
+                raise Overloaded(f"job {job or '(unnamed)'} has {cap} requests waiting at this teacher, "
+                                 f"its limit; other jobs are still served")
+            if not self._waiting[job]:  # it was idle: it banks no credit for that time
+                active = [self._vt[j] for j, n in self._waiting.items() if n]
+                self._vt[job] = max(self._vt.get(job, 0.0), min(active, default=self._vclock))
+            self._waiting[job] += 1
+            self.metrics.job(job).requests.labels(ticket.kind).inc()
             self._q.items.append(ticket)
             self._scores_waiting += ticket.kind == "score"
             self.metrics.queue_depth.set(len(self._q.items))
@@ -200,6 +234,11 @@ class Batcher:
         except ValueError:
             return
         self._scores_waiting -= ticket.kind == "score"
+        self._waiting[ticket.job] -= 1
+        if not self._waiting[ticket.job]:
+            del self._waiting[ticket.job]
+            if self._vt.get(ticket.job, 0.0) <= self._vclock:  # it would restart at the clock anyway
+                self._vt.pop(ticket.job, None)
         self.metrics.queue_depth.set(len(self._q.items))
 
     def _fail(self, ticket: Ticket, error: BaseException) -> None:
@@ -269,8 +308,20 @@ class Batcher:
             return now
         return scores[0].enqueued + cfg.max_wait_ms / 1000.0
 
+    def _generate_head(self) -> Ticket | None:
+        """The Generate to run next: that of the job furthest behind in its share, oldest first."""
+        gens = [t for t in self._q.items if t.kind == "generate"]
+        return min(gens, key=lambda t: (self._vt.get(t.job, 0.0), t.enqueued)) if gens else None
+
+    def _charge(self, vt: dict[str, float]) -> None:
+        """Keep the virtual times a step or batch ran up, and move the clock to the least of the
+        waiting jobs' (caller holds the condition)."""
+        self._vt.update(vt)
+        active = [self._vt.get(j, 0.0) for j, n in self._waiting.items() if n]
+        self._vclock = max(self._vclock, min(active) if active else max(vt.values(), default=0.0))
+
     def _generate_ready_at(self, now: float) -> float | None:
-        head = next((t for t in self._q.items if t.kind == "generate"), None)
+        head = self._generate_head()
         if head is None:
             return None
         cfg = self.config
@@ -281,52 +332,69 @@ class Batcher:
         return head.enqueued + cfg.max_wait_ms / 1000.0
 
     def _take_score_step(self) -> _Step:
-        """Hand out up to `max_batch_tokens` tokens of Score work, round-robin by sequence over the
-        least recently served requests (caller holds the condition)."""
+        """Hand out up to `max_batch_tokens` tokens of Score work, one sequence at a time: to the
+        job furthest behind in its share (least virtual time: tokens served / weight), and within a
+        job to its request served least this step, then least recently (caller holds the
+        condition). With one job this is round-robin by sequence over the least recently served
+        `max_batch_requests` requests."""
         cfg = self.config
-        scores = sorted((t for t in self._q.items if t.kind == "score"),
-                        key=lambda t: (t.last_served, t.enqueued))[:cfg.max_batch_requests]
-        taken: dict[Ticket, list[int]] = {t: [] for t in scores}
-        tokens, open_ = 0, scores
-        while open_:
-            still = []
-            for t in open_:
-                if t.next_seq >= t.num_seqs:
-                    continue
-                n = len(t.payload.sequences[t.next_seq])
-                if tokens and tokens + n > cfg.max_batch_tokens:
-                    continue  # full for this step (the first sequence always goes, however long)
-                taken[t].append(t.next_seq)
-                t.next_seq += 1
-                tokens += n
-                still.append(t)
-            open_ = still
+        scores = [t for t in self._q.items if t.kind == "score"]
+        vt = {t.job: self._vt.get(t.job, 0.0) for t in scores}
+        taken: dict[Ticket, list[int]] = {}
+        for t in sorted(scores, key=lambda t: (t.last_served, t.enqueued)):
+            if t.num_seqs == 0 and len(taken) < cfg.max_batch_requests:
+                taken[t] = []  # nothing to score: it is answered by this step, at no cost
+        tokens, full = 0, set()
+        while True:
+            open_ = [t for t in scores if t.next_seq < t.num_seqs and t not in full
+                     and (t in taken or len(taken) < cfg.max_batch_requests)]
+            if not open_:
+                break
+            t = min(open_, key=lambda t: (vt[t.job], len(taken.get(t, ())), t.last_served, t.enqueued))
+            n = len(t.payload.sequences[t.next_seq])
+            if tokens and tokens + n > cfg.max_batch_tokens:
+                full.add(t)  # full for this request (the first sequence always goes, however long)
+                continue
+            taken.setdefault(t, []).append(t.next_seq)
+            t.next_seq += 1
+            tokens += n
+            vt[t.job] += n / t.weight
         now = time.monotonic()
-        for t in scores:
-            if taken[t] and t.next_seq == len(taken[t]):  # its first slice: the wait ends here
+        for t, idx in taken.items():
+            if idx and t.next_seq == len(idx):  # its first slice: the wait ends here
                 self.metrics.queue_wait.labels("score").observe(now - t.enqueued)
+                self.metrics.job(t.job).queue_wait.labels("score").observe(now - t.enqueued)
             t.last_served = self._steps
             if t.next_seq >= t.num_seqs:
                 self._remove(t)
+        self._charge(vt)
         self._steps += 1
-        return [(t, taken[t]) for t in scores if taken[t] or t.num_seqs == 0]
+        return list(taken.items())
 
     def _take_generate_batch(self) -> list[Ticket]:
+        """The head Generate (`_generate_head`) and waiting Generates of equal sampling parameters,
+        each next one from the job furthest behind, up to the token and request limits."""
         cfg = self.config
-        head = next(t for t in self._q.items if t.kind == "generate")
-        batch, tokens = [], 0
-        for t in list(self._q.items):
-            if t.key != head.key:
-                continue
-            if batch and (len(batch) >= cfg.max_batch_requests
-                          or tokens + t.tokens > cfg.max_batch_tokens):
+        head = self._generate_head()
+        assert head is not None
+        rest = [t for t in self._q.items if t.key == head.key and t is not head]
+        vt = {t.job: self._vt.get(t.job, 0.0) for t in rest + [head]}
+        batch, tokens = [head], head.tokens
+        vt[head.job] += head.tokens / head.weight
+        while rest and len(batch) < cfg.max_batch_requests:
+            t = min(rest, key=lambda t: (vt[t.job], t.enqueued))
+            if tokens + t.tokens > cfg.max_batch_tokens:
                 break
-            self._remove(t)
+            rest.remove(t)
             batch.append(t)
             tokens += t.tokens
+            vt[t.job] += t.tokens / t.weight
         now = time.monotonic()
         for t in batch:
+            self._remove(t)
             self.metrics.queue_wait.labels("generate").observe(now - t.enqueued)
+            self.metrics.job(t.job).queue_wait.labels("generate").observe(now - t.enqueued)
+        self._charge(vt)
         return batch
 
     # ------------------------------------------------------------------ score
@@ -362,6 +430,13 @@ class Batcher:
                 self._fail(t, exc)
         finally:
             self.metrics.observe_batch("score", len(step), tokens, time.monotonic() - start)
+            per_job: Counter[str] = Counter()
+            for t, idx in step:
+                per_job[t.job] += sum(len(t.payload.sequences[i]) for i in idx)
+            for job, n in per_job.items():
+                self.metrics.job(job).tokens.labels("score").inc(n)
+                if tokens:
+                    self.metrics.job(job).batch_share.observe(n / tokens)
         for t, _ in step:
             if t._done.is_set():
                 continue
@@ -433,6 +508,8 @@ class Batcher:
             n = len(t.payload[0])
             mine = results[pos:pos + n]
             pos += n
+            self.metrics.job(t.job).tokens.labels("generate").inc(
+                sum(len(g.token_ids) for g in mine if g is not None))
             if t.cancelled or any(g is None for g in mine):
                 self.metrics.cancelled.inc()
                 t.set_error(Cancelled("cancelled while generating"))

@@ -29,6 +29,8 @@ import grpc
 
 from . import wire
 from .contract import (
+    JOB_KEY,
+    JOB_WEIGHT_KEY,
     RETRYABLE_KEY,
     Generation,
     InvalidRequest,
@@ -83,7 +85,11 @@ class TeacherClient:
         token: str | None = None,
         max_message_mb: int = 256,
         on_unavailable: Callable[[str], None] | None = None,
+        job_id: str | None = None,
+        job_weight: float | None = None,
     ) -> None:
+        """`job_id` / `job_weight` name the job every call is for and the share it asks: a
+        server that many jobs share queues them fairly by job (its own weights win)."""
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         if not self.endpoints:
             raise ValueError("TeacherClient needs at least one endpoint")
@@ -93,7 +99,12 @@ class TeacherClient:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.retry_overloaded = retry_overloaded
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        meta = [("authorization", f"Bearer {token}")] if token else []
+        if job_id:
+            meta.append((JOB_KEY, job_id))
+        if job_weight is not None:
+            meta.append((JOB_WEIGHT_KEY, repr(float(job_weight))))
+        self._metadata = tuple(meta)
         size = max_message_mb * 1024 * 1024
         # gRPC's own reconnect backoff grows to 120 s while a server is down: a teacher back after
         # a long outage would go unseen for minutes, so it is capped by ours.

@@ -17,6 +17,12 @@ import torch
 # gRPC trailing metadata key the server sets on refusals worth retrying later (queue full,
 # loading, draining), to tell them from RESOURCE_EXHAUSTED for an over-sized message.
 RETRYABLE_KEY = "distillery-retryable"
+# Request metadata naming the job a call is for, and the weight its client asks for it: the server
+# shares its batches among jobs by weighted fair queueing (teacher_server.batcher).
+JOB_KEY = "distillery-job"
+JOB_WEIGHT_KEY = "distillery-job-weight"
+MAX_JOB_ID_CHARS = 128
+MIN_JOB_WEIGHT, MAX_JOB_WEIGHT = 0.01, 100.0
 
 
 class TeacherError(Exception):

@@ -10,6 +10,7 @@ MAX_BATCH_TOKENS = 16384  # tokens in one engine call; the engine's score micro-
 MAX_BATCH_REQUESTS = 64  # 1 turns batching off
 MAX_WAIT_MS = 5.0  # longest a request waits for company, ms
 MAX_QUEUE = 256  # requests waiting; more are refused
+MAX_QUEUE_PER_JOB = 128  # requests one job may have waiting, so a flooding job leaves room for others
 TOP_K_LIMIT = 128  # largest top_k a request may ask for
 MAX_FULL_ROW_POSITIONS = 4096  # positions per request that may ask for full rows
 MAX_MESSAGE_MB = 256  # largest reply, MiB

@@ -20,6 +20,11 @@ import grpc
 from . import wire
 from .batcher import Batcher
 from .contract import (
+    JOB_KEY,
+    JOB_WEIGHT_KEY,
+    MAX_JOB_ID_CHARS,
+    MAX_JOB_WEIGHT,
+    MIN_JOB_WEIGHT,
     RETRYABLE_KEY,
     Cancelled,
     InvalidRequest,
@@ -151,7 +156,8 @@ class TeacherServicer(pb_grpc.TeacherServicer):
         if batcher is None:
             results = self._direct(context, lambda cancelled: engine.score(args, cancelled=cancelled))
         else:
-            ticket = batcher.submit_score(args, self._deadline(context))
+            job, weight = job_of(context)
+            ticket = batcher.submit_score(args, self._deadline(context), job=job, weight=weight)
             context.add_callback(ticket.cancel)
             results = ticket.result(remaining_s(context))
         return pb.ScoreResponse(sequences=[wire.scored_to_pb(r) for r in results])
@@ -165,10 +171,33 @@ class TeacherServicer(pb_grpc.TeacherServicer):
             results = self._direct(context, lambda cancelled: engine.generate(prompts, params,
                                                                               cancelled=cancelled))
         else:
-            ticket = batcher.submit_generate(prompts, params, self._deadline(context))
+            job, weight = job_of(context)
+            ticket = batcher.submit_generate(prompts, params, self._deadline(context), job=job,
+                                             weight=weight)
             context.add_callback(ticket.cancel)
             results = ticket.result(remaining_s(context))
         return pb.GenerateResponse(generations=[wire.generation_to_pb(g) for g in results])
+
+
+def job_of(context: grpc.ServicerContext) -> tuple[str, float | None]:
+    """The job a call is for and the weight its client asks (JOB_KEY / JOB_WEIGHT_KEY metadata);
+    ("", None) when it names none. A malformed value is the caller's error."""
+    meta = dict(context.invocation_metadata() or ())
+    job = meta.get(JOB_KEY, "")
+    if len(job) > MAX_JOB_ID_CHARS or not all(33 <= ord(c) < 127 for c in job):
+        raise InvalidRequest(f"{JOB_KEY} must be at most {MAX_JOB_ID_CHARS} printable ASCII "
+                             f"characters without spaces, got {job[:40]!r}")
+    raw = meta.get(JOB_WEIGHT_KEY)
+    if raw is None:
+        return job, None
+    try:
+        weight = float(raw)
+    except ValueError:
+        weight = float("nan")
+    if not MIN_JOB_WEIGHT <= weight <= MAX_JOB_WEIGHT:
+        raise InvalidRequest(f"{JOB_WEIGHT_KEY} must be a number in [{MIN_JOB_WEIGHT}, "
+                             f"{MAX_JOB_WEIGHT}], got {raw!r}")
+    return job, weight
 
 
 class BearerAuth(grpc.ServerInterceptor):
