@@ -137,6 +137,13 @@ def teacher_serve(
     max_wait_ms: float = typer.Option(teacher.MAX_WAIT_MS, min=0, help="How long a request waits for company, ms."),
     max_queue: int = typer.Option(teacher.MAX_QUEUE, min=1,
                                   help="Requests allowed to wait; more get RESOURCE_EXHAUSTED."),
+    max_queue_per_job: int = typer.Option(teacher.MAX_QUEUE_PER_JOB, min=0,
+                                          help="Requests one job may have waiting; more from that job get "
+                                          "RESOURCE_EXHAUSTED, other jobs are still served (0 = no limit "
+                                          "but --max-queue)."),
+    job_weight: list[str] = typer.Option([], "--job-weight", help="JOB=WEIGHT (repeatable): the job's share "
+                                         "of the batches against weight-1 jobs; wins over the weight its "
+                                         "client asks for (teacher.weight)."),
     top_k_limit: int = typer.Option(teacher.TOP_K_LIMIT, min=0, help="Largest top_k a request may ask for."),
     max_full_row_positions: int = typer.Option(teacher.MAX_FULL_ROW_POSITIONS, min=0,
                                                help="Positions per request with full rows."),
@@ -198,7 +205,8 @@ def teacher_serve(
                             max_batch_tokens=max_batch_tokens, top_k_limit=top_k_limit,
                             max_full_row_positions=max_full_row_positions),
         batcher=BatcherConfig(max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
-                              max_wait_ms=max_wait_ms, max_queue=max_queue),
+                              max_wait_ms=max_wait_ms, max_queue=max_queue, max_queue_per_job=max_queue_per_job,
+                              job_weights=_job_weights(job_weight)),
         vllm=vllm_config,
         host=host, port=port, port_file=str(port_file) if port_file else None,
         max_message_mb=max_message_mb, max_request_mb=max_request_mb, rpc_threads=rpc_threads,
@@ -206,6 +214,24 @@ def teacher_serve(
         drain_delay_s=drain_delay_s,
     )
     raise typer.Exit(run(config))
+
+
+def _job_weights(pairs: list[str]) -> tuple[tuple[str, float], ...]:
+    """--job-weight JOB=WEIGHT values, checked as the server checks a client's."""
+    from teacher_server.contract import MAX_JOB_WEIGHT, MIN_JOB_WEIGHT
+
+    out = []
+    for pair in pairs:
+        job, sep, raw = pair.rpartition("=")
+        try:
+            weight = float(raw)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not job or not MIN_JOB_WEIGHT <= weight <= MAX_JOB_WEIGHT:
+            raise typer.BadParameter(f"expected JOB=WEIGHT with a weight in [{MIN_JOB_WEIGHT}, "
+                                     f"{MAX_JOB_WEIGHT}], got {pair!r}", param_hint="--job-weight")
+        out.append((job, weight))
+    return tuple(out)
 
 
 def _settings():

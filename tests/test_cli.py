@@ -177,3 +177,13 @@ def test_serve_defaults_are_the_configs(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     expected = serve.ServerConfig(engine=EngineConfig(model_dir=str(tmp_path)), batcher=BatcherConfig())
     assert built == [expected]
+    # Fair sharing among jobs: weights per job and the per-job queue limit reach the batcher.
+    built.clear()
+    result = runner.invoke(app, ["teacher", "serve", "--model", str(tmp_path), "--job-weight", "a=2",
+                                 "--job-weight", "team=b=0.5", "--max-queue-per-job", "4"])
+    assert result.exit_code == 0, result.output
+    assert built[0].batcher.job_weights == (("a", 2.0), ("team=b", 0.5))
+    assert built[0].batcher.max_queue_per_job == 4
+    for bad in ("a", "a=0", "=1", "a=x"):
+        result = runner.invoke(app, ["teacher", "serve", "--model", str(tmp_path), "--job-weight", bad])
+        assert result.exit_code == 2 and "--job-weight" in result.output, result.output
