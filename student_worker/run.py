@@ -215,7 +215,7 @@ def run(spec: JobSpec, job_id: str, events: list[str], attempt: int = 0) -> dict
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .teacher_actor import TeacherReplicas
+    from teacher_server.ray_replica import TeacherReplicas
 
     run_dir = Path(spec.checkpoint.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,11 @@ def run(spec: JobSpec, job_id: str, events: list[str], attempt: int = 0) -> dict
         storage = str(Path(storage).resolve())
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-    replicas = TeacherReplicas(spec.teacher.ray_actor, job_id) if spec.teacher.ray_actor else None
+    actor = spec.teacher.ray_actor
+    replicas = TeacherReplicas(
+        {"model_dir": actor.model, "revision": actor.revision, "device": actor.device, "dtype": actor.dtype},
+        job_id, replicas=actor.replicas, num_cpus=actor.num_cpus, num_gpus=actor.num_gpus,
+        max_restarts=actor.max_restarts) if actor else None
     try:
         gpus = res.gpus_per_worker
         trainer = TorchTrainer(

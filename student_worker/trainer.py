@@ -51,8 +51,7 @@ from typing import Any, Callable
 import torch
 
 from teacher_server.contract import Teacher
-from teacher_server.engine import tokenizer_fingerprint
-from teacher_server.model_dirs import check_model_dir, resolve_model
+from teacher_server.model_dirs import check_model_dir, resolve_model, tokenizer_fingerprint
 
 from . import fsdp
 from . import warmup as warmup_mod

@@ -1,8 +1,10 @@
-"""Model references: a local model directory, or a hub id found in the local hub cache.
+"""Model directories, for the teacher and the student alike: where a reference points, whether
+the directory is loadable, and the fingerprint of its tokenizer.
 
     model = resolve_model("Qwen/Qwen2.5-0.5B-Instruct", revision="main")  # the snapshot directory
     model = resolve_model("/models/my-student")                           # a directory is itself
     check_model_dir(model.path)
+    fingerprint, n_tokens = load_tokenizer_facts(model.path)              # ("", None) without a tokenizer
 
 Rules (docs/training.md, "Models"):
 - A reference naming an existing directory is that directory, whatever its shape.
@@ -15,11 +17,17 @@ Rules (docs/training.md, "Models"):
   (DISTILLERY_ALLOW_DOWNLOADS=1; the job service leaves it off, `distillery train` turns it on),
   and then only configs, tokenizer files and safetensors weights.
 
-Nothing here imports torch, so the job service can check references at submit.
+Tokenizers are compared by `tokenizer_fingerprint` (vocabulary and special tokens): the teacher
+reports its own in TeacherInfo, and the student refuses a teacher whose fingerprint differs.
+
+Nothing here imports torch or transformers at load, so the job service can check references at
+submit.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -129,3 +137,26 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 def has_tokenizer(model_dir: str | Path) -> bool:
     return any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over the vocabulary (token -> id, added tokens included) and the special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
+    blob = json.dumps({"vocab": vocab, "special": special}, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_tokenizer_facts(model_dir: str | Path) -> tuple[str, int | None]:
+    """(fingerprint, number of tokens) of the tokenizer saved in `model_dir`; ("", None) without one."""
+    from transformers import AutoTokenizer
+
+    if not has_tokenizer(model_dir):
+        return "", None
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    return tokenizer_fingerprint(tokenizer), len(tokenizer)
+
+
+def load_tokenizer_fingerprint(model_dir: str | Path) -> str:
+    """Fingerprint of the tokenizer saved in `model_dir`, or "" when it has none."""
+    return load_tokenizer_facts(model_dir)[0]

@@ -209,7 +209,8 @@ class VllmEngine:
     batches_itself = True  # the server hands calls straight to it, without our Batcher
 
     def __init__(self, config: VllmEngineConfig, metrics: "TeacherMetrics | None" = None) -> None:
-        from .engine import DTYPES, check_model_dir, load_tokenizer_facts
+        from .engine import DTYPES
+        from .model_dirs import check_model_dir, load_tokenizer_facts
 
         if config.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")

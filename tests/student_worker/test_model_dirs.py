@@ -18,7 +18,8 @@ from student_worker.data import encode
 from student_worker.config import DataSpec
 from student_worker.trainer import load_student
 from teacher_server.contract import ScoreArgs
-from teacher_server.engine import EngineConfig, TeacherEngine, load_tokenizer_fingerprint
+from teacher_server.engine import EngineConfig, TeacherEngine
+from teacher_server.model_dirs import load_tokenizer_fingerprint
 
 TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
             "{% if add_generation_prompt %}<s>assistant:{% endif %}")

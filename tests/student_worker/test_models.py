@@ -17,9 +17,15 @@ from student_worker.losses import DenseTeacher, SparseTeacher, token_divergence
 from student_worker.models import build_student, restrict_teacher
 from student_worker.trainer import Trainer, build_teacher
 from teacher_server.contract import ScoreArgs
-from teacher_server.engine import EngineConfig, TeacherEngine, load_tokenizer_fingerprint
+from teacher_server.engine import EngineConfig, TeacherEngine
 from teacher_server.in_process import LocalTeacher
-from teacher_server.model_dirs import DOWNLOAD_PATTERNS, ModelNotCached, hub_cache_dir, resolve_model
+from teacher_server.model_dirs import (
+    DOWNLOAD_PATTERNS,
+    ModelNotCached,
+    hub_cache_dir,
+    load_tokenizer_fingerprint,
+    resolve_model,
+)
 
 PAD = 8  # rows of padding added past the tokenizer's 512 tokens
 

@@ -230,7 +230,7 @@ def test_non_finite_losses_skip_steps_then_fail_the_run(make_spec, monkeypatch):
 def test_a_teacher_with_another_tokenizer_is_refused(make_spec, tmp_path):
     from services.demo.tiny import build_model
 
-    from teacher_server.engine import load_tokenizer_fingerprint
+    from teacher_server.model_dirs import load_tokenizer_fingerprint
 
     other = build_model(tmp_path / "other", hidden=32, layers=1, heads=2, tokenizer_vocab=300)
     spec = make_spec(teacher={"local_model": str(other)})

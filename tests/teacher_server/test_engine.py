@@ -26,13 +26,8 @@ from teacher_server.contract import (
     TeacherInfo,
     TeacherMismatch,
 )
-from teacher_server.engine import (
-    EngineConfig,
-    TeacherEngine,
-    check_model_dir,
-    load_tokenizer_fingerprint,
-    tokenizer_fingerprint,
-)
+from teacher_server.engine import EngineConfig, TeacherEngine
+from teacher_server.model_dirs import check_model_dir, load_tokenizer_fingerprint, tokenizer_fingerprint
 from teacher_server.sampling import next_tokens, row_seed
 
 ATOL = 1e-5
