@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services import local  # noqa: E402
 from services.apiclient import ApiClient  # noqa: E402
 from services.demo import builtin  # noqa: E402
+from teacher_server.process import free_port  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 STAGES = {"warmup": 0, "distill": 1, "done": 2}
@@ -53,22 +54,6 @@ def job_spec(assets, endpoint: str, name: str, steps: int) -> dict:
         "checkpoint": {"every_steps": 10},
         "log_every": 5,
     }
-
-
-def descendants(pid: int) -> set[int]:
-    parents: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    out, frontier = set(), {pid}
-    while frontier:
-        kids = {c for c, p in parents.items() if p in frontier} - out
-        out |= kids
-        frontier = kids
-    return out
 
 
 def rss_bytes(pids: set[int]) -> int:
@@ -92,7 +77,7 @@ class MemoryWatch(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.wait(1.0):
-            self.peak = max(self.peak, rss_bytes({self.root_pid} | descendants(self.root_pid)))
+            self.peak = max(self.peak, rss_bytes({self.root_pid} | local.descendants(self.root_pid)))
 
 
 def worker_pids(client: ApiClient, job_ids: list[str]) -> list[int]:
@@ -150,8 +135,8 @@ def main() -> int:
     os.environ.update({"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "DISTILLERY_MODEL_ROOTS": str(assets.root),
                        "DISTILLERY_DATA_ROOTS": str(assets.root), "DISTILLERY_MAX_RUNNING_JOBS": str(a.cap),
                        "DISTILLERY_LEASE_S": "10"})
-    dead_port = local.free_port()  # nothing answers there: the stack starts its own Redis
-    state = local.up(root / "state", api_port=local.free_port(), dashboard_port=local.free_port(),
+    dead_port = free_port()  # nothing answers there: the stack starts its own Redis
+    state = local.up(root / "state", api_port=free_port(), dashboard_port=free_port(),
                      teacher_model=str(assets.teacher), runs_dir=root / "runs",
                      redis_url=f"redis://127.0.0.1:{dead_port}/0")
     print(state.describe(), flush=True)

@@ -53,10 +53,10 @@ from teacher_server.sampling import (  # noqa: E402
     output_cache,
     _generation,
     attention_mask_4d,
+    derive_seed,
     filter_logits,
     generate,
     left_pad,
-    row_seed,
     temper,
 )
 
@@ -75,7 +75,7 @@ def old_generate(model, prompts, params):
     """The engine's generate loop before this change (no cancellation, default seeds/budgets)."""
     n = len(prompts)
     device = next(model.parameters()).device
-    seeds = [row_seed(params.seed, i) for i in range(n)]
+    seeds = [derive_seed(params.seed, i) for i in range(n)]
     budget = [params.max_new_tokens] * n
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     stop = set(params.stop_ids)

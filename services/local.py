@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Callable
 
 import redis
+
+from teacher_server.process import free_port
 
 STATE_FILE = "stack.json"
 RESTART_BACKOFF_S = 1.0  # before the first restart of a child; doubles with each death in a row
@@ -41,12 +42,6 @@ RAY_TOKEN_IN_ENV = "$RAY_AUTH_TOKEN"
 
 def default_state_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distillery" / "stack"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_token_location() -> str | None:
@@ -331,6 +326,25 @@ def up(state_dir: Path, *, api_port: int = 8000, dashboard_port: int = 8265, tea
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGTERM)
     raise RuntimeError(f"the stack did not come up within {timeout_s:.0f}s; see {state_dir / 'supervisor.log'}")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process whose ancestry includes `pid` (from /proc; empty where there is none)."""
+    parents: dict[int, int] = {}
+    proc = Path("/proc")
+    for d in proc.iterdir() if proc.is_dir() else ():
+        if d.name.isdigit():
+            try:  # the parent pid is the 2nd field after the command name, which may hold ")"
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        kids = {c for c, p in parents.items() if p in frontier} - out
+        out |= kids
+        frontier = kids
+    return out
 
 
 def _alive(pid: int) -> bool:

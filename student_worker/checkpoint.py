@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 STAGE_ORDER = {"warmup": 0, "distill": 1, "done": 2}
 
 
-class CheckpointError(RuntimeError):
-    """No intact checkpoint could be read."""
-
-
 @dataclass(frozen=True)
 class CheckpointRef:
     path: Path
@@ -168,12 +164,6 @@ class CheckpointManager:
     @staticmethod
     def load_state(ref: CheckpointRef) -> dict[str, Any]:
         return torch.load(ref.path / "state.pt", map_location="cpu", weights_only=True)
-
-    @staticmethod
-    def load_weights(model: torch.nn.Module, ref: CheckpointRef) -> None:
-        from safetensors.torch import load_model
-
-        load_model(model, str(ref.path / "model.safetensors"), strict=True)
 
     def _prune(self) -> None:
         refs = self.list()

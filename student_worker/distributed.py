@@ -87,12 +87,6 @@ class Comm:
             return x
         return int(self._all_reduce(torch.tensor([x], dtype=torch.int64)))
 
-    def sum_floats(self, values: list[float]) -> list[float]:
-        """Elementwise sums over ranks (float64), e.g. metrics to report once for the job."""
-        if self.world == 1:
-            return list(values)
-        return self._all_reduce(torch.tensor(values, dtype=torch.float64)).cpu().tolist()
-
     def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
         """Replace each gradient by its mean over ranks (missing gradients count as zeros)."""
         if self.world == 1:

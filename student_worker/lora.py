@@ -32,7 +32,7 @@ from .config import JobSpec, LoraSpec
 if TYPE_CHECKING:
     from .checkpoint import CheckpointRef
 
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # What a full-weight checkpoint holds besides a model directory's files.
 RUN_FILES = ("state.pt", "spec.json", "manifest.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

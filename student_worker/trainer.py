@@ -37,7 +37,6 @@ Every collective goes through `self.comm`, on the device its process group serve
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import logging
@@ -52,6 +51,7 @@ import torch
 
 from teacher_server.contract import Teacher
 from teacher_server.model_dirs import check_model_dir, resolve_model, tokenizer_fingerprint
+from teacher_server.sampling import derive_seed
 
 from . import fsdp
 from . import warmup as warmup_mod
@@ -124,10 +124,6 @@ def build_teacher(spec: TeacherSpec, on_unavailable: Callable[[str], None] | Non
                          token=token, on_unavailable=on_unavailable, job_id=job_id, job_weight=spec.weight)
 
 
-def step_seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
-
-
 def lr_lambda(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
     """Linear warm-up to 1, then cosine decay to `min_ratio` at `total_steps`."""
     def f(step: int) -> float:
@@ -190,7 +186,7 @@ class Trainer:
         if ref is not None:
             self._check_resumable(ref)
         else:  # dropout (LoRA's, a model's own) draws from the global RNG: seeded here, restored on resume
-            torch.manual_seed(step_seed(spec.seed, "torch", self.rank))
+            torch.manual_seed(derive_seed(spec.seed, "torch", self.rank))
         # Full weights from the checkpoint, or (LoRA) the base from student.model plus its adapters.
         self.student: Student = build_student(
             spec.student, self.student_ref.path, tokenizer_size=len(self.tokenizer), seed=spec.seed,
@@ -481,7 +477,7 @@ class Trainer:
         for micro in range(d.grad_accum):  # 1. rollouts and the teacher's judgement
             examples = [self.train_set[i] for i in self.order.next_batch()]
             prompts = [e.prompt_ids for e in examples]
-            seed = step_seed(self.spec.seed, self.stage, self.step, micro, self.rank)
+            seed = derive_seed(self.spec.seed, self.stage, self.step, micro, self.rank)
             t0 = time.perf_counter()
             with self._full_weights(d.on_policy_fraction > 0):  # every rank, whether it samples or not
                 responses, sampled = self._responses(examples, prompts, seed)
@@ -556,7 +552,7 @@ class Trainer:
         with self.reference_ctx():
             self.pairs, stats = warmup_mod.build_pairs(
                 self.reference, self.teacher, prompts, w, eos_id=self.eos_id,
-                seed=step_seed(self.spec.seed, "pairs", self.rank), compute=self._compute,
+                seed=derive_seed(self.spec.seed, "pairs", self.rank), compute=self._compute,
                 vocab_size=self.student.vocab_size)
         self._emit({"stage": "warmup", "step": self.step, "event": "pairs", **stats.as_dict()})
         if self.comm.sum_int(len(self.pairs)) == 0:

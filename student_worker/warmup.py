@@ -32,7 +32,6 @@ give each rank and each stage its own seed.
 from __future__ import annotations
 
 import copy
-import hashlib
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -41,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from teacher_server.contract import SamplingParams, ScoredSequence, Teacher
-from teacher_server.sampling import generate
+from teacher_server.sampling import derive_seed, generate
 
 from .config import WarmupSpec
 from .losses import dpo_loss, hinge_loss, simpo_loss
@@ -238,9 +237,9 @@ def _as_ids(x: Tensor, what: str) -> Tensor:
 
 
 def _stream_seed(seed: int, stream: str, index: int) -> int:
-    """A 63-bit seed for one row of one random stream ("sample", "replace", "continue")."""
-    digest = hashlib.sha256(f"warmup/{stream}/{seed}/{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    """The seed of one row of one random stream ("sample", "replace", "continue"). One part, in
+    the text earlier versions hashed, so runs keep their draws."""
+    return derive_seed(f"warmup/{stream}/{seed}/{index}")
 
 
 @contextmanager

@@ -58,7 +58,7 @@ import torch
 from . import defaults
 from .contract import Cancelled, Overloaded, SamplingParams, ScoreArgs, TeacherError
 from .engine import TeacherEngine
-from .sampling import row_seed
+from .sampling import derive_seed
 from .metrics import TeacherMetrics
 
 log = logging.getLogger(__name__)
@@ -488,7 +488,7 @@ class Batcher:
             ps, params = t.payload
             for i, p in enumerate(ps):
                 prompts.append(p)
-                seeds.append(None if params.seed is None else row_seed(params.seed, i))
+                seeds.append(None if params.seed is None else derive_seed(params.seed, i))
                 budgets.append(params.max_new_tokens)
                 owner.append(t)
 

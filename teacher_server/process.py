@@ -1,7 +1,7 @@
 """Start `distillery teacher serve` as a child process and wait until it is SERVING.
 
 Used by the demo, the benchmarks and the tests; the one-machine stack runs `teacher_command` on a
-port of its choosing, so that it can restart the server on the same one. The server binds first and
+port of its choosing (`free_port`, the one free-port helper of the code base), so that it can restart the server on the same one. The server binds first and
 writes its port to a file (so port 0 works), then loads the model; `start_teacher` waits for
 grpc.health SERVING. `stop()` sends SIGTERM to exactly the pid it started and waits for the
 drain; SIGKILL only if the grace period runs out.
@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .client import wait_until_serving
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on at `host` right now, picked by the OS (another process may still
+    take it before the caller binds it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class TeacherProcess:
@@ -57,6 +64,8 @@ def start_teacher(model: str | Path, *flags: str, port: int = 0, host: str = "12
                   log_path: Path | None = None, wait: bool = True, timeout_s: float = 300.0,
                   env: dict[str, str] | None = None) -> TeacherProcess:
     """Launch a teacher server on `host:port` (0 = any free port) with extra CLI `flags`."""
+    from .client import wait_until_serving  # gRPC, imported only here: free_port stays light
+
     port_file = Path(tempfile.mkdtemp(prefix="distillery-teacher-")) / "port"
     cmd = teacher_command(model, "--port-file", str(port_file), *flags, port=port, host=host)
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL

@@ -10,10 +10,11 @@ until it is back. Replica i of job J is the named actor `distillery-teacher-J-i`
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any, Mapping
 
 import ray
+
+from .process import free_port
 
 
 class TeacherReplica:
@@ -38,12 +39,6 @@ class TeacherReplica:
         self.server.stop()
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class TeacherReplicas:
     """Start `replicas` teacher actors, each serving an engine.EngineConfig(**engine) (plain values:
     the driver imports no torch); `endpoints` for the workers; `stop()` at the end. `num_cpus` /
@@ -53,12 +48,9 @@ class TeacherReplicas:
                  num_gpus: float = 0.0, max_restarts: int = -1, host: str = "127.0.0.1") -> None:
         actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                            max_task_retries=-1)(TeacherReplica)
-        self.actors = [actor.options(name=f"distillery-teacher-{job_id}-{i}").remote(dict(engine), host, _free_port(host))
+        self.actors = [actor.options(name=f"distillery-teacher-{job_id}-{i}").remote(dict(engine), host, free_port(host))
                        for i in range(replicas)]
         self.endpoints = ray.get([a.endpoint.remote() for a in self.actors])
-
-    def pids(self) -> list[int]:
-        return ray.get([a.pid.remote() for a in self.actors])
 
     def stop(self) -> None:
         for a in self.actors:

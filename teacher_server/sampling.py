@@ -29,9 +29,11 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 UNIFORM_BLOCK = 64
 
 
-def row_seed(seed: int, index: int) -> int:
-    """The generator seed of prompt `index` of a request seeded with `seed`."""
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+def derive_seed(*parts: object) -> int:
+    """A 63-bit generator seed from `parts`: sha256 of their text joined by ":". Every derived seed
+    in Distillery comes from here, e.g. row i of a request seeded s (`derive_seed(s, i)`), or a
+    trainer's step stream (`derive_seed(job_seed, stage, step, micro, rank)`)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
@@ -181,7 +183,7 @@ def generate(
     n = len(prompts)
     device = next(model.parameters()).device
     if seeds is None:
-        seeds = [None if params.seed is None else row_seed(params.seed, i) for i in range(n)]
+        seeds = [None if params.seed is None else derive_seed(params.seed, i) for i in range(n)]
     budget = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * n
     gens = [torch.Generator(device=device).manual_seed(s if s is not None else secrets.randbits(63))
             for s in seeds]

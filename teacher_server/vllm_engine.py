@@ -456,7 +456,7 @@ class VllmEngine:
         from vllm import SamplingParams as VllmParams
         from vllm.sampling_params import RequestOutputKind
 
-        from .sampling import row_seed
+        from .sampling import derive_seed as row_seed
 
         n = len(prompts)
         if seeds is None:

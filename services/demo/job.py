@@ -175,6 +175,7 @@ def run(*, job: DemoJob = DemoJob(), runs_dir: Path = Path("runs"), cache_dir: P
     """The whole demo; returns the run directory holding report.md, report.json and report.png."""
     from services import local
     from services.apiclient import ApiClient
+    from teacher_server.process import free_port
 
     from . import builtin
 
@@ -209,8 +210,8 @@ def run(*, job: DemoJob = DemoJob(), runs_dir: Path = Path("runs"), cache_dir: P
     os.environ["DISTILLERY_REDIS_PREFIX"] = "distillery-demo"
     state_dir = state_dir or local.default_state_dir().with_name("demo-stack")
     runs_dir = runs_dir.resolve()
-    dashboard_port = 8265 if _port_free(8265) else local.free_port()
-    state = local.up(state_dir, api_port=local.free_port(), dashboard_port=dashboard_port,
+    dashboard_port = 8265 if _port_free(8265) else free_port()
+    state = local.up(state_dir, api_port=free_port(), dashboard_port=dashboard_port,
                      teacher_model=str(assets.teacher), runs_dir=runs_dir, redis_url=os.environ.get("REDIS_URL"))
     try:
         console.print(state.describe().replace("`distillery down`", "Ctrl-C (the demo stops it)"))

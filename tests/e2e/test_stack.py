@@ -15,7 +15,8 @@ import httpx
 import pytest
 import yaml
 
-from services.local import free_port, read_state
+from services.local import descendants, read_state
+from teacher_server.process import free_port
 from teacher_server.health import serving
 
 pytestmark = pytest.mark.slow
@@ -24,24 +25,6 @@ pytestmark = pytest.mark.slow
 def cli(*args: str, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "services.cli", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process whose ancestry includes `pid` (from /proc)."""
-    parents: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                parents[int(d.name)] = int(fields[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    out, frontier = set(), {pid}
-    while frontier:
-        kids = {c for c, p in parents.items() if p in frontier} - out
-        out |= kids
-        frontier = kids
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -16,11 +15,7 @@ from typing import Callable, Iterator
 import pytest
 import redis
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from teacher_server.process import free_port
 
 
 def wait_for_redis(url: str, timeout_s: float = 10.0) -> bool:

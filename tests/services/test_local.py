@@ -6,12 +6,22 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from services.local import MAX_RESTARTS, STABLE_S, StackState, Supervisor, ray_token_location, read_state
+from services.local import (
+    MAX_RESTARTS,
+    STABLE_S,
+    StackState,
+    Supervisor,
+    descendants,
+    ray_token_location,
+    read_state,
+)
 
 
 @pytest.fixture
@@ -89,3 +99,24 @@ def test_where_the_ray_token_is_and_what_up_prints(monkeypatch, tmp_path):
     assert "ray get-auth-token" in text and "Authorization: Bearer <token>" in text and "secret" not in text
     state.ray_token = None
     assert "token authentication is off" in state.describe()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_descendants_are_children_and_grandchildren_only():
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess, time; p = subprocess.Popen(['sleep', '30']); "
+                              "print(p.pid, flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    grandchild = None
+    try:
+        grandchild = int(child.stdout.readline())
+        assert descendants(child.pid) == {grandchild}
+        assert {child.pid, grandchild} <= descendants(os.getpid())
+        assert child.pid not in descendants(grandchild) and descendants(grandchild) == set()
+    finally:
+        for pid in (grandchild, child.pid):  # only what this test started, by pid
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        child.wait()
+        child.stdout.close()

@@ -362,7 +362,7 @@ def test_train_cli_ends_in_one_line_when_the_teacher_never_answers(make_spec, tm
     from typer.testing import CliRunner
 
     from services.cli import app
-    from services.local import free_port
+    from teacher_server.process import free_port
 
     endpoint = f"127.0.0.1:{free_port()}"  # nothing listens there
     spec = make_spec(teacher={"local_model": None, "endpoints": [endpoint], "timeout_s": 1,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -15,6 +14,7 @@ import torch
 from teacher_server.client import TeacherClient
 from teacher_server.contract import TeacherUnavailable
 from teacher_server.engine import EngineConfig, TeacherEngine
+from teacher_server.process import free_port
 from teacher_server.serve import ServerConfig, TeacherServer
 
 PROMPT = list(range(3, 11))
@@ -32,12 +32,6 @@ def serve(engine: TeacherEngine, port: int = 0) -> TeacherServer:
     server.start()
     server.load(engine)
     return server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_r14_a_teacher_back_within_the_unavailable_budget_answers_the_waiting_call(engine):

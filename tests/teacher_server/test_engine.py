@@ -28,7 +28,7 @@ from teacher_server.contract import (
 )
 from teacher_server.engine import EngineConfig, TeacherEngine
 from teacher_server.model_dirs import check_model_dir, load_tokenizer_fingerprint, tokenizer_fingerprint
-from teacher_server.sampling import next_tokens, row_seed
+from teacher_server.sampling import derive_seed, next_tokens
 
 ATOL = 1e-5
 RTOL = 1e-5
@@ -187,11 +187,11 @@ def test_seeded_generation_does_not_depend_on_batch_composition(tiny_model):
     batched = engine.generate(prompts, params)
     others = prompts_for(engine, lengths=(14, 2), seed=5)
     for i, prompt in enumerate(prompts):
-        alone = engine.generate([prompt], params, seeds=[row_seed(11, i)])[0]
+        alone = engine.generate([prompt], params, seeds=[derive_seed(11, i)])[0]
         assert alone.token_ids.tolist() == batched[i].token_ids.tolist()
         torch.testing.assert_close(alone.token_logprobs, batched[i].token_logprobs, atol=1e-4, rtol=1e-5)
         mixed = engine.generate([others[0], prompt, others[1]], params,
-                                seeds=[123, row_seed(11, i), 456])[1]
+                                seeds=[123, derive_seed(11, i), 456])[1]
         assert mixed.token_ids.tolist() == batched[i].token_ids.tolist()
 
 
@@ -222,7 +222,7 @@ def test_max_new_tokens_and_per_row_budgets(tiny_llama):
     assert all(g.token_ids.dtype == torch.int64 for g in gens)
     # Rows with smaller budgets leave the batch early; the rows that stay are unaffected.
     budgets = [1, 6, 3, 6]
-    seeds = [row_seed(2, i) for i in range(4)]
+    seeds = [derive_seed(2, i) for i in range(4)]
     short = engine.generate(prompts, params, seeds=seeds, max_new_tokens=budgets)
     for g, full, b in zip(short, gens, budgets):
         assert g.token_ids.tolist() == full.token_ids[:b].tolist()

@@ -11,7 +11,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ from teacher_server.client import TeacherClient
 from teacher_server.contract import RETRYABLE_KEY, TeacherError, TeacherUnavailable
 from teacher_server.pb import teacher_pb2 as pb
 from teacher_server.pb import teacher_pb2_grpc as pb_grpc
+from teacher_server.process import free_port
 from teacher_server.serve import SERVICE_NAME
 
 OK = grpc.StatusCode.OK
@@ -47,12 +47,6 @@ PROMPT = list(range(3, 11))
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ids_pb(ids, dtype=pb.DTYPE_INT32, shape=None) -> pb.Tensor:
     np_dtype = {pb.DTYPE_INT32: "<i4", pb.DTYPE_INT64: "<i8", pb.DTYPE_FLOAT32: "<f4"}[dtype]
     arr = np.asarray(ids, dtype=np_dtype)

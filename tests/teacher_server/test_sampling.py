@@ -198,7 +198,7 @@ def test_uniform_blocks_keep_rows_independent_of_budget_and_batch(tiny_model, mo
     engine = engine_for(tiny_model)
     prompts = prompts_for(engine.vocab_size, lengths=(3, 1, 8))
     params = SamplingParams(max_new_tokens=11, temperature=1.0, top_k=50, seed=6)
-    seeds = [sampling.row_seed(6, i) for i in range(3)]
+    seeds = [sampling.derive_seed(6, i) for i in range(3)]
     full = engine.generate(prompts, params)
     short = engine.generate(prompts, params, seeds=seeds, max_new_tokens=[2, 11, 5])
     for g, f, b in zip(short, full, [2, 11, 5]):

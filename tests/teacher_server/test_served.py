@@ -10,7 +10,6 @@ the Prometheus endpoint.
 
 from __future__ import annotations
 
-import socket
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from teacher_server.client import TeacherClient
 from teacher_server.contract import InvalidRequest, SamplingParams, TeacherError
 from teacher_server.in_process import LocalTeacher
+from teacher_server.process import free_port
 
 ATOL = 1e-5
 TOKEN = "s3cret"
@@ -33,12 +33,6 @@ LENGTHS = [1, 7, 12, 3, 30, 2, 16, 5]
 
 
 # ------------------------------------------------------------------------------------ fixtures
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def local(tiny_llama) -> LocalTeacher:
     return LocalTeacher.from_model_dir(str(tiny_llama))

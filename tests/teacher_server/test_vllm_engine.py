@@ -215,7 +215,7 @@ def test_seeded_sampling_is_reproducible(engine):
     other = [g.token_ids.tolist() for g in engine.generate(prompts, replace(params, seed=12))]
     assert other != first
     # Explicit per-row seeds are what params.seed expands to.
-    from teacher_server.sampling import row_seed
+    from teacher_server.sampling import derive_seed as row_seed
 
     explicit = engine.generate(prompts, replace(params, seed=None),
                                seeds=[row_seed(11, i) for i in range(len(prompts))])
