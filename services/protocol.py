@@ -1,5 +1,5 @@
 """The REST API's protocol: path patterns, request/response models, domain errors, and the one
-function that maps every error to an HTTP status (STYLE 7)."""
+function that maps every error to an HTTP status."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def _clean_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def error_response(exc: Exception) -> JSONResponse:
-    """The one place where an error becomes an HTTP status (STYLE 7). Bodies carry a code and a
+    """The one place where an error becomes an HTTP status. Bodies carry a code and a
     fixed or request-derived message, never another job's data."""
     headers: dict[str, str] = {}
     errors = None
