@@ -3,6 +3,7 @@
     python bench/train_bench.py                         # all sections, tiny models on CPU (10-20 min)
     python bench/train_bench.py --quick                 # a smoke run of every section
     python bench/train_bench.py --sections teachers     # local vs served teacher only
+    python bench/train_bench.py --sections pipeline     # the served teacher's share of the step, 1 vs 4 groups
     python bench/train_bench.py --sections workers      # 1 vs 2 Ray Train workers
     python bench/train_bench.py --sections trl          # against TRL (pip install -e ".[bench]")
 
@@ -10,6 +11,9 @@ Sections, each printing a markdown table of medians over `--repeats` runs, runs 
 drift hits every row alike, the first step of every run left out (it warms caches):
 
   teachers  one single-process Trainer, in-process teacher vs the same teacher served over gRPC;
+  pipeline  the served teacher, its rollouts sent in 1 request per micro-batch once sampling is
+            done vs in 4 requests as rows finish (`distill.score_chunks`), at grad_accum 1 and 2:
+            the share of the step the worker waits on the teacher, and tokens/s;
   workers   `student_worker.run.run` (Ray Train, local Ray) as 1 worker x 1 thread, 1 x 2 and
             2 x 1 on this machine's 2 cores; tokens/s = sum over ranks of response tokens / wall
             time of the steps, read back from the job's events.jsonl;
@@ -49,7 +53,7 @@ from student_worker.trainer import Trainer, build_teacher  # noqa: E402
 from teacher_server.in_process import LocalTeacher  # noqa: E402
 from teacher_server.process import start_teacher  # noqa: E402
 
-SECTIONS = ("teachers", "workers", "trl")
+SECTIONS = ("teachers", "pipeline", "workers", "trl")
 
 
 def parse_args() -> argparse.Namespace:
@@ -71,14 +75,16 @@ def parse_args() -> argparse.Namespace:
 
 
 def spec_for(tmp: Path, teacher: dict, args: argparse.Namespace, name: str, *, steps: int | None = None,
-             workers: int = 1, threads: int = 1, full_logprobs: bool = False) -> JobSpec:
+             workers: int = 1, threads: int = 1, full_logprobs: bool = False, score_chunks: int = 1,
+             grad_accum: int = 1) -> JobSpec:
     return JobSpec.model_validate({
         "name": name, "seed": 0,
         "student": {"model": str(tmp / "student")}, "teacher": teacher,
         "data": {"path": str(tmp / "train.jsonl"), "eval_fraction": 0.0, "max_prompt_tokens": 32},
         "distill": {"loss": "jsd", "beta": 0.5, "steps": steps or args.steps, "batch_size": args.batch_size,
                     "top_k": 16, "full_logprobs": full_logprobs, "max_new_tokens": args.max_new_tokens,
-                    "on_policy_fraction": 1.0, "lr": args.lr, "warmup_steps": 0, "min_lr_ratio": 1.0},
+                    "on_policy_fraction": 1.0, "lr": args.lr, "warmup_steps": 0, "min_lr_ratio": 1.0,
+                    "score_chunks": score_chunks, "grad_accum": grad_accum},
         "checkpoint": {"dir": str(tmp / f"run-{name}"), "every_steps": 10_000},
         "eval": {"enabled": False}, "log_every": 10_000,
         # Ray gives each worker OMP_NUM_THREADS = its CPUs, hence torch's intra-op threads.
@@ -135,6 +141,28 @@ def bench_teachers(tmp: Path, endpoint: str, args: argparse.Namespace) -> None:
         print(f"| {name} | {m['tokens_per_s']:,.0f} | {split_cells(m)} | {m['latency_ms']:.1f} |")
     ratio = med["served teacher"]["tokens_per_s"] / med["local teacher"]["tokens_per_s"]
     print(f"\nserved / local throughput: {ratio:.2f}x")
+
+
+# ---------------------------------------------------------------------- the teacher behind sampling
+def bench_pipeline(tmp: Path, endpoint: str, args: argparse.Namespace) -> None:
+    setups = {f"{label}, grad_accum {accum}": dict(score_chunks=chunks, grad_accum=accum)
+              for accum in (1, 2) for label, chunks in (("1 request after sampling", 1),
+                                                         ("4 requests as rows finish", 4))}
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in setups}
+    for _ in range(args.repeats):
+        for name, kw in setups.items():
+            steps, _ = train_once(spec_for(tmp, {"endpoints": [endpoint]}, args, "pipe", **kw))
+            wait = sum(m["teacher_s"] for m in steps[1:]) / sum(m["step_s"] for m in steps[1:])
+            busy = sum(m["teacher_latency_s"] * kw["grad_accum"] for m in steps[1:]) / sum(
+                m["step_s"] for m in steps[1:])
+            runs[name].append({**summarize(steps), "wait": wait, "busy": busy})
+    med = {name: medians(r) for name, r in runs.items()}
+    print(f"\n### Distill step — served teacher behind sampling ({args.steps} steps, median of "
+          f"{args.repeats} runs)\n")
+    print("| teacher requests | response tokens/s | step waits on the teacher | teacher busy (share of step) |")
+    print("|---|---:|---:|---:|")
+    for name, m in med.items():
+        print(f"| {name} | {m['tokens_per_s']:,.0f} | {m['wait']:.1%} | {m['busy']:.1%} |")
 
 
 # ---------------------------------------------------------------------- 1 vs 2 Ray Train workers
@@ -262,6 +290,8 @@ def main() -> None:
         try:
             if "teachers" in args.sections:
                 bench_teachers(tmp, server.endpoint, args)
+            if "pipeline" in args.sections:
+                bench_pipeline(tmp, server.endpoint, args)
             if "trl" in args.sections:
                 bench_trl(tmp, server.endpoint, args)
         finally:

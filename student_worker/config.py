@@ -125,6 +125,12 @@ class TeacherSpec(_Strict):
                                            "then the job fails with `teacher unavailable at <endpoints> since <time>`.")
     token_env: str | None = Field(None, max_length=128,
                                   description="Environment variable holding the teacher's bearer token.")
+    student_candidates: int = Field(
+        0, ge=0, le=128, description="Also ask the teacher about the student's own top-K ids at each response position: "
+                                     "the sparse support becomes teacher top-k ∪ student top-K ∪ the actual token ∪ one "
+                                     "tail bucket, so reverse-type losses (rkl, akl, skew_rkl, jsd) see the student's "
+                                     "head exactly. 0: off. Needs a teacher whose Info has max_candidates ≥ K (the "
+                                     "transformers engine; not vLLM's).")
     weight: float = Field(1.0, ge=0.01, le=100, description="This job's share of served teachers that several jobs "
                                                              "use: each server queues jobs fairly by weight (its "
                                                              "operator's --job-weight for the job wins).")
@@ -269,6 +275,11 @@ class DistillSpec(_Strict):
     steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps of the KD stage.")
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts per micro-batch (per worker).")
     grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    score_chunks: int = Field(4, ge=1, le=1024, description="The teacher scores each micro-batch's rollouts in up to "
+                              "this many requests, each sent as soon as its rows finish sampling, on a thread of "
+                              "its own: the teacher works while the student samples the rest and trains on what "
+                              "is scored. Strictly on-policy (the weights change only after the step). 1: one "
+                              "request once sampling is done.")
     on_policy_fraction: float = Field(1.0, ge=0, le=1, description="λ: share of batches whose responses the student samples.")
     off_policy_source: Literal["data", "teacher"] = Field(
         "data", description="Where the other batches' responses come from: the data set, or the teacher (SeqKD).")
@@ -389,6 +400,9 @@ class JobSpec(_Strict):
             raise ValueError("student.lora with resources.strategy fsdp is not supported: adapters are small and "
                              "the frozen base is not trained, so use ddp (each worker holds the base once, "
                              "gradients and optimizer state are the adapters' only)")
+        if self.teacher.student_candidates and self.distill.full_logprobs:
+            raise ValueError("teacher.student_candidates extends a sparse teacher's support; with "
+                             "distill.full_logprobs the teacher's rows are already whole: drop one")
         if self.student.precision == "fp16-mixed" and self.resources.strategy == "fsdp":
             raise ValueError("student.precision fp16-mixed needs a gradient scaler that sees every rank's "
                              "gradients; with resources.strategy fsdp use bf16-mixed")

@@ -172,9 +172,9 @@ def _check_teacher(teacher: TeacherTargets, shape: tuple[int, int, int]) -> None
                              f"student logits {shape}")
     elif isinstance(teacher, SparseTeacher):
         ids = teacher.topk_ids
-        if ids.dim() != 3 or tuple(ids.shape[:2]) != (b, t) or ids.shape[2] > v:
-            raise ValueError(f"topk_ids must be [{b}, {t}, k] with k <= {v}, "
-                             f"got {tuple(ids.shape)}")
+        # k may exceed V: the student's candidate ids join the top-k slots, repeats counted once.
+        if ids.dim() != 3 or tuple(ids.shape[:2]) != (b, t):
+            raise ValueError(f"topk_ids must be [{b}, {t}, k], got {tuple(ids.shape)}")
         if teacher.topk_logprobs.shape != ids.shape:
             raise ValueError("topk_logprobs must have the shape of topk_ids")
         for name in ("token_ids", "token_logprobs", "tail_logprobs"):

@@ -28,6 +28,8 @@ UNITS: dict[str, str] = {
     "student.lora.dropout": "probability",
     "teacher.timeout_s": "seconds",
     "teacher.unavailable_timeout_s": "seconds",
+    "teacher.student_candidates": "ids per position",
+    "distill.score_chunks": "requests per micro-batch",
     "teacher.weight": "× a weight-1 job's share",
     "teacher.ray_actor.replicas": "replicas",
     "teacher.ray_actor.num_cpus": "CPUs",

@@ -45,11 +45,12 @@ import random
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
 
-from teacher_server.contract import Teacher
+from teacher_server.contract import Generation, ScoredSequence, Teacher, TeacherMismatch
 from teacher_server.model_dirs import check_model_dir, resolve_model, tokenizer_fingerprint
 from teacher_server.sampling import derive_seed
 
@@ -63,7 +64,16 @@ from .data import Example, ShardedOrder, check_data, load_splits
 from .eval import evaluate_models, load_scorer
 from .losses import token_divergence
 from .models import Student, build_student, load_student, restrict_teacher, slice_vocab
-from .rollout import mismatch_metrics, sample_responses, score_batch, student_logits, teacher_responses
+from .rollout import (
+    KDBatch,
+    collate,
+    forward_top_ids,
+    mismatch_metrics,
+    sample_rollouts,
+    student_candidates,
+    student_logits,
+    teacher_responses,
+)
 
 log = logging.getLogger(__name__)
 MetricsCallback = Callable[[dict[str, Any]], None]
@@ -144,6 +154,17 @@ def autocast(precision: str, device: str) -> AbstractContextManager:
     return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
 
 
+@dataclasses.dataclass
+class _Scoring:
+    """One group of rollouts on its way through the teacher (see Trainer._distill_step)."""
+
+    prompts: list[torch.Tensor]
+    responses: list[torch.Tensor]
+    candidates: list[torch.Tensor] | None
+    future: Future | None = None
+    took_s: float = 0.0  # the teacher call's own time
+
+
 class Trainer:
     def __init__(self, spec: JobSpec, teacher: Teacher, *, rank: int = 0, world: int = 1,
                  on_metrics: MetricsCallback | None = None,
@@ -170,6 +191,9 @@ class Trainer:
         self.sharded = spec.resources.strategy == "fsdp" and fsdp.available()
         if spec.resources.strategy == "fsdp" and not self.sharded:
             log.info("strategy fsdp without a process group: one process holds the whole student")
+        # The teacher's calls of a step, one at a time in order, beside the sampling and training.
+        self._scorer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-score")
+        self._scoring_error: BaseException | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume_from: CheckpointRef | None = None) -> None:
@@ -197,6 +221,11 @@ class Trainer:
         info = self.teacher.info()
         info.check_compatible(self.student.vocab_size, tokenizer_fingerprint(self.tokenizer))
         self.teacher_vocab = info.vocab_size
+        wanted = spec.teacher.student_candidates
+        if wanted > info.max_candidates:
+            raise TeacherMismatch(f"teacher.student_candidates is {wanted}, but teacher {info.model_name!r} "
+                                  f"({info.engine or 'an older server'}) scores at most {info.max_candidates} "
+                                  f"candidate ids per position; lower it, or use the transformers engine")
         check_teacher_length(spec, info.max_sequence_length)
         self.train_set, self.eval_set = load_splits(spec.data, self.tokenizer)
         check_teacher_template(spec, self.tokenizer, self.train_set + self.eval_set)
@@ -308,6 +337,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
 
     def cleanup(self) -> None:
+        self._scorer.shutdown(wait=True, cancel_futures=True)
         close = getattr(self.teacher, "close", None)
         if close is not None:
             close()
@@ -470,32 +500,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ distill
     def _distill_step(self) -> dict[str, Any]:
+        """One optimizer step. The teacher scores groups of rollouts on its own thread as soon as
+        their rows finish sampling (`distill.score_chunks`), so it works while the student samples
+        the rest of the micro-batch and the later ones, and while it trains on the micro-batches
+        already scored; `teacher_s` is only the time the step waits for it. Every rollout comes
+        from the weights of this step."""
         d, t_start = self.spec.distill, time.perf_counter()
         self.model.train()
         times = {"generate_s": 0.0, "teacher_s": 0.0, "forward_backward_s": 0.0}
-        batches, on_policy = [], 0
-        for micro in range(d.grad_accum):  # 1. rollouts and the teacher's judgement
+        micros: list[list[_Scoring]] = []
+        on_policy = 0
+        for micro in range(d.grad_accum):  # 1. rollouts, sent to the teacher group by group
             examples = [self.train_set[i] for i in self.order.next_batch()]
             prompts = [e.prompt_ids for e in examples]
             seed = derive_seed(self.spec.seed, self.stage, self.step, micro, self.rank)
             t0 = time.perf_counter()
-            with self._full_weights(d.on_policy_fraction > 0):  # every rank, whether it samples or not
-                responses, sampled = self._responses(examples, prompts, seed)
-            on_policy += sampled
-            t1 = time.perf_counter()
-            batch = score_batch(self.teacher, prompts, responses, top_k=d.top_k, temperature=d.temperature,
-                                full_logprobs=d.full_logprobs, pad_id=self.pad_id)
-            if self.teacher_vocab > self.student.vocab_size:  # ids past the student's tokens never reach a loss
-                batch = dataclasses.replace(batch, teacher=restrict_teacher(batch.teacher, self.student.vocab_size))
-            batches.append(batch)
-            times["generate_s"] += t1 - t0
-            times["teacher_s"] += time.perf_counter() - t1
-        tokens = sum(b.num_response_tokens for b in batches)
+            groups: list[_Scoring] = []
+            with self._full_weights(d.on_policy_fraction > 0 or self.spec.teacher.student_candidates > 0):
+                on_policy += self._rollouts(examples, prompts, seed, lambda *g: groups.append(self._score(*g)))
+            micros.append(groups)
+            times["generate_s"] += time.perf_counter() - t0
+        tokens = sum(len(r) for groups in micros for g in groups for r in g.responses)
         global_tokens = self.comm.sum_int(tokens)  # 2. every token of the step weighs the same
         scale = self.comm.world / max(global_tokens, 1)  # the gradient average divides by world
         loss_sums, parts = [], []
-        t2 = time.perf_counter()
-        for batch in batches:  # 3. forward and backward, one micro-batch at a time
+        for groups in micros:  # 3. forward and backward, one micro-batch at a time
+            # One backward per micro-batch, whatever its groups: FSDP ranks must run equally many
+            # (collectives), and ddp and fsdp then add the same gradients in the same order.
+            batch, waited = self._collate(groups)
+            times["teacher_s"] += waited
+            t2 = time.perf_counter()
             with self._compute():
                 logits = student_logits(self.model, batch)
             per_token = token_divergence(logits, batch.teacher, batch.response_mask, loss=d.loss, alpha=d.alpha,
@@ -505,7 +539,7 @@ class Trainer:
             self._backward(loss_sum * scale)
             loss_sums.append(loss_sum.detach())
             parts.append(mismatch_metrics(logits.detach().float(), batch, d.temperature))
-        times["forward_backward_s"] = time.perf_counter() - t2
+            times["forward_backward_s"] += time.perf_counter() - t2
         took, reduce_s = self._update(loss_sums)  # 4.
         self.step += 1
         self._check_replicas()
@@ -515,7 +549,8 @@ class Trainer:
             "skipped": not took, "lr": self.scheduler.get_last_lr()[0], "tokens": tokens,
             "tokens_per_s": tokens / elapsed, "step_s": elapsed,
             "on_policy_fraction": on_policy / d.grad_accum, **times, "reduce_s": reduce_s,
-            "teacher_latency_s": times["teacher_s"] / d.grad_accum,
+            "teacher_latency_s": sum(g.took_s for groups in micros for g in groups) / d.grad_accum,
+            "teacher_wait_share": times["teacher_s"] / elapsed,
         }
         if self.scaler is not None:
             metrics["loss_scale"] = float(self.scaler.get_scale())
@@ -523,18 +558,87 @@ class Trainer:
             metrics[key] = sum(p[key] for p in parts) / len(parts)
         return metrics
 
-    def _responses(self, examples: list[Example], prompts: list[torch.Tensor], seed: int):
-        d = self.spec.distill
+    def _rollouts(self, examples: list[Example], prompts: list[torch.Tensor], seed: int,
+                  emit: Callable[..., None]) -> int:
+        """The micro-batch's responses, handed to `emit(prompts, responses, top_ids)` in groups:
+        sampled ones as soon as `distill.score_chunks` of them (about) are done, the others at once.
+        top_ids: the student's top ids per response position when teacher.student_candidates asks
+        for them (from the sampler, or one forward without gradient), else None. Returns 1 when the
+        student sampled them."""
+        d, wanted = self.spec.distill, self.spec.teacher.student_candidates
         if random.Random(seed).random() < d.on_policy_fraction:
+            size = -(-len(prompts) // d.score_chunks)
+            ready: list[tuple[int, Generation]] = []
+
+            def flush() -> None:
+                rows = sorted(ready, key=lambda x: x[0])
+                ready.clear()
+                emit([prompts[i] for i, _ in rows], [g.token_ids for _, g in rows],
+                     [g.topk_ids for _, g in rows] if wanted else None)
+
+            def finished(i: int, gen: Generation) -> None:
+                ready.append((i, gen))
+                if len(ready) >= size:
+                    flush()
+
             with self._compute():
-                return sample_responses(self.model, prompts, max_new_tokens=d.max_new_tokens,
-                                        temperature=d.sample_temperature, top_p=d.top_p,
-                                        stop_ids=[self.eos_id], seed=seed), 1
+                sample_rollouts(self.model, prompts, max_new_tokens=d.max_new_tokens,
+                                temperature=d.sample_temperature, top_p=d.top_p, stop_ids=[self.eos_id],
+                                seed=seed, top_k_ids=wanted, on_finished=finished)
+            if ready:
+                flush()
+            return 1
         if d.off_policy_source == "teacher":
-            return teacher_responses(self.teacher, prompts, max_new_tokens=d.max_new_tokens,
-                                     temperature=d.sample_temperature, top_p=d.top_p,
-                                     stop_ids=[self.eos_id], seed=seed), 0
-        return [e.response_ids for e in examples], 0
+            responses = teacher_responses(self.teacher, prompts, max_new_tokens=d.max_new_tokens,
+                                          temperature=d.sample_temperature, top_p=d.top_p,
+                                          stop_ids=[self.eos_id], seed=seed)
+        else:
+            responses = [e.response_ids for e in examples]
+        top_ids = None
+        if wanted:  # not sampled here: one forward without gradient
+            with self._compute():
+                top_ids = forward_top_ids(self.model, prompts, responses, wanted,
+                                          vocab=self.student.vocab_size, pad_id=self.pad_id)
+        emit(prompts, responses, top_ids)
+        return 0
+
+    def _score(self, prompts: list[torch.Tensor], responses: list[torch.Tensor],
+               top_ids: list[torch.Tensor] | None) -> "_Scoring":
+        """Send one group to the teacher, on the scoring thread."""
+        d = self.spec.distill
+        cands = (student_candidates(top_ids, responses, min(self.student.vocab_size, self.teacher_vocab))
+                 if top_ids is not None else None)
+        group = _Scoring(prompts, responses, cands)
+
+        def work() -> list[ScoredSequence]:
+            if self._scoring_error is not None:  # an earlier group failed: the step fails with it
+                raise self._scoring_error
+            began = time.perf_counter()
+            seqs = [torch.cat([p, r]) for p, r in zip(prompts, responses)]
+            extra = {} if cands is None else {"candidates": cands}
+            try:
+                scored = self.teacher.score(seqs, [len(p) for p in prompts], top_k=d.top_k,
+                                            temperature=d.temperature, full_logprobs=d.full_logprobs, **extra)
+            except BaseException as exc:
+                self._scoring_error = exc
+                raise
+            group.took_s = time.perf_counter() - began
+            return scored
+
+        group.future = self._scorer.submit(work)
+        return group
+
+    def _collate(self, groups: list["_Scoring"]) -> tuple[KDBatch, float]:
+        """(one KD batch of `groups`, seconds waited for the teacher's answers)."""
+        began = time.perf_counter()
+        scored = [s for g in groups for s in g.future.result()]  # the teacher's error, if any, is raised here
+        waited = time.perf_counter() - began
+        cands = None if groups[0].candidates is None else [c for g in groups for c in g.candidates]
+        batch = collate([p for g in groups for p in g.prompts], [r for g in groups for r in g.responses], scored,
+                        pad_id=self.pad_id, full_logprobs=self.spec.distill.full_logprobs, candidates=cands)
+        if self.teacher_vocab > self.student.vocab_size:  # ids past the student's tokens never reach a loss
+            batch = dataclasses.replace(batch, teacher=restrict_teacher(batch.teacher, self.student.vocab_size))
+        return batch, waited
 
     # ------------------------------------------------------------------ warmup
     def _run_warmup(self) -> None:

@@ -401,21 +401,24 @@ class Batcher:
     def _run_score_step(self, step: _Step) -> None:
         start = time.monotonic()
         tokens = sum(len(t.payload.sequences[i]) for t, idx in step for i in idx)
-        # Requests with different top_k / temperature / full-row flags share the decoder pass only
-        # when equal; group them (in arrival order) so each engine call has one setting.
+        # Requests with different top_k / temperature / full-row flags / candidate widths share the
+        # decoder pass only when equal; group them (in arrival order) so each engine call has one setting.
         groups: dict[tuple, list[tuple[Ticket, list[int]]]] = {}
         for t, idx in sorted(step, key=lambda p: p[0].enqueued):
             a: ScoreArgs = t.payload
-            groups.setdefault((a.top_k, a.temperature, a.full_logprobs), []).append((t, idx))
+            key = (a.top_k, a.temperature, a.full_logprobs, a.candidates is not None, a.num_candidates)
+            groups.setdefault(key, []).append((t, idx))
         try:
-            for (top_k, temperature, full), part in groups.items():
+            for (top_k, temperature, full, has_candidates, _), part in groups.items():
                 owner = [t for t, idx in part for _ in idx]
                 if not owner:
                     continue
                 merged = ScoreArgs(
                     sequences=[t.payload.sequences[i] for t, idx in part for i in idx],
                     score_from=[t.payload.score_from[i] for t, idx in part for i in idx],
-                    top_k=top_k, temperature=temperature, full_logprobs=full)
+                    top_k=top_k, temperature=temperature, full_logprobs=full,
+                    candidates=([t.payload.candidates[i] for t, idx in part for i in idx]
+                                if has_candidates else None))
                 results = self.engine.score(merged, cancelled=lambda r: owner[r].cancelled)
                 pos = 0
                 for t, idx in part:

@@ -23,7 +23,7 @@ import random
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import grpc
 
@@ -46,6 +46,9 @@ from .contract import (
 )
 from .pb import teacher_pb2 as pb
 from .pb import teacher_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 _SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
@@ -124,9 +127,10 @@ class TeacherClient:
         return self._info
 
     def score(self, sequences: Sequence[TokenSeq], score_from: Sequence[int], *, top_k: int,
-              temperature: float = 1.0, full_logprobs: bool = False) -> list[ScoredSequence]:
+              temperature: float = 1.0, full_logprobs: bool = False,
+              candidates: Sequence[torch.Tensor] | None = None) -> list[ScoredSequence]:
         args = ScoreArgs([as_ids(s) for s in sequences], list(score_from), top_k, temperature,
-                         full_logprobs)
+                         full_logprobs, list(candidates) if candidates is not None else None)
         reply = self._call(lambda s: s.Score, wire.score_request_to_pb(args))
         return [wire.scored_from_pb(m) for m in reply.sequences]
 

@@ -60,6 +60,7 @@ class TeacherInfo:
     max_full_row_positions: int
     device: str
     engine: str = ""  # the engine and its version, e.g. "transformers 5.24.0", "vllm 0.32.0"
+    max_candidates: int = 0  # candidate ids per position a Score may ask about (0: none)
 
     def check_compatible(self, vocab_size: int, tokenizer_fingerprint: str) -> None:
         """Raise `TeacherMismatch` naming both sides unless the student can learn from this teacher.
@@ -86,9 +87,10 @@ class TeacherInfo:
 class ScoredSequence:
     """Teacher log-probs for the n = length - score_from scored positions of one sequence.
 
-    `tail_logprobs` is the log of the mass on every token outside S = top-k ∪ {actual token},
-    computed by the teacher as a log-sum-exp over those tokens (exact for a confident teacher,
-    where 1 - sum(top-k) rounds to 0); -inf when S is the whole vocabulary.
+    `tail_logprobs` is the log of the mass on every token outside S = top-k ∪ {actual token}
+    (∪ the request's candidate ids, when it sent some), computed by the teacher as a log-sum-exp
+    over those tokens (exact for a confident teacher, where 1 - sum(top-k) rounds to 0); -inf when
+    S is the whole vocabulary.
     """
 
     topk_ids: torch.Tensor  # int64 [n, k], most likely first
@@ -96,6 +98,7 @@ class ScoredSequence:
     token_logprobs: torch.Tensor  # float32 [n], log-prob of the actual token at each position
     tail_logprobs: torch.Tensor  # float32 [n], log mass outside top-k ∪ {actual token}
     full_logprobs: torch.Tensor | None = None  # float32 [n, V] when asked for
+    candidate_logprobs: torch.Tensor | None = None  # float32 [n, C]: of the request's candidate ids
 
     @property
     def tail_mass(self) -> torch.Tensor:
@@ -142,11 +145,13 @@ class Limits:
     max_sequences: int = 1024
     max_new_tokens_limit: int = 4096
     max_reply_bytes: int | None = None  # the server's message cap; None: not checked
+    max_candidates: int = 0  # candidate ids per scored position (0: the engine scores none)
 
 
 def score_reply_bytes(args: "ScoreArgs", vocab_size: int) -> int:
     """An upper bound on the encoded ScoreResponse: 4 bytes per id / float32, plus framing."""
-    per_position = 4 * (2 * args.top_k + 2) + (4 * vocab_size if args.full_logprobs else 0)
+    per_position = (4 * (2 * args.top_k + 2) + 4 * args.num_candidates
+                    + (4 * vocab_size if args.full_logprobs else 0))
     return args.num_positions * per_position + 128 * len(args.sequences) + 64
 
 
@@ -175,10 +180,21 @@ class ScoreArgs:
     top_k: int
     temperature: float = 1.0
     full_logprobs: bool = False
+    # Per sequence, int64 [n, C]: extra ids to score at each of its n scored positions (typically
+    # the student's own top-C there); C is the same for every sequence. None: no candidates.
+    candidates: list[torch.Tensor] | None = None
     num_positions: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.num_positions = sum(len(s) - f for s, f in zip(self.sequences, self.score_from))
+
+    @property
+    def num_candidates(self) -> int:
+        """C, the candidate ids per position (0 without candidates)."""
+        if not self.candidates:
+            return 0
+        c = self.candidates[0]
+        return int(c.shape[-1]) if c.dim() == 2 else 0
 
 
 def as_ids(seq: TokenSeq) -> torch.Tensor:
@@ -222,6 +238,8 @@ def validate_score(args: ScoreArgs, limits: Limits) -> None:
     if args.top_k > limits.vocab_size:
         raise InvalidRequest(f"top_k {args.top_k} exceeds the vocabulary ({limits.vocab_size})")
     _check_temperature(args.temperature, allow_zero=False)
+    if args.candidates is not None:
+        _check_candidates(args, limits)
     if args.full_logprobs and args.num_positions > limits.max_full_row_positions:
         raise InvalidRequest(f"full log-prob rows for {args.num_positions} positions exceed the limit "
                              f"of {limits.max_full_row_positions} (each row is "
@@ -229,6 +247,26 @@ def validate_score(args: ScoreArgs, limits: Limits) -> None:
     detail = (f"{args.num_positions} positions × {limits.vocab_size} × 4 bytes of full rows"
               if args.full_logprobs else f"{args.num_positions} positions at top_k {args.top_k}")
     _check_reply(score_reply_bytes(args, limits.vocab_size), limits, detail)
+
+
+def _check_candidates(args: ScoreArgs, limits: Limits) -> None:
+    if len(args.candidates) != len(args.sequences):
+        raise InvalidRequest(f"candidate ids are needed for every sequence: {len(args.candidates)} "
+                             f"for {len(args.sequences)} sequences")
+    width = args.num_candidates
+    if limits.max_candidates == 0:
+        raise InvalidRequest("this teacher does not score candidate ids (its Info says "
+                             "max_candidates = 0); send none")
+    if not 1 <= width <= limits.max_candidates:
+        raise InvalidRequest(f"candidate ids per position must be in [1, {limits.max_candidates}], "
+                             f"got {width}")
+    for i, (c, ids, start) in enumerate(zip(args.candidates, args.sequences, args.score_from)):
+        n = len(ids) - start
+        if c.dim() != 2 or tuple(c.shape) != (n, width):
+            raise InvalidRequest(f"sequence {i}: candidate ids must have shape [{n}, {width}] (its "
+                                 f"scored positions × candidates), got {list(c.shape)}")
+        if c.numel():
+            _check_ids(c, f"sequence {i}'s candidate ids", limits)
 
 
 def validate_generate(prompts: list[torch.Tensor], params: SamplingParams, limits: Limits) -> None:
@@ -273,6 +311,7 @@ class Teacher(Protocol):
         top_k: int,
         temperature: float = 1.0,
         full_logprobs: bool = False,
+        candidates: Sequence[torch.Tensor] | None = None,
     ) -> list[ScoredSequence]: ...
 
     def generate(self, prompts: Sequence[TokenSeq], params: SamplingParams) -> list[Generation]: ...

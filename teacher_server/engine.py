@@ -115,7 +115,8 @@ class TeacherEngine:
     def limits(self) -> Limits:
         return Limits(vocab_size=self.vocab_size, max_sequence_length=self.max_sequence_length,
                       top_k_limit=self.config.top_k_limit,
-                      max_full_row_positions=self.config.max_full_row_positions)
+                      max_full_row_positions=self.config.max_full_row_positions,
+                      max_candidates=self.config.top_k_limit)
 
     def info(self) -> TeacherInfo:
         return TeacherInfo(model_name=self.name, vocab_size=self.vocab_size,
@@ -123,7 +124,8 @@ class TeacherEngine:
                            max_sequence_length=self.max_sequence_length,
                            dtype=self.config.dtype, top_k_limit=self.config.top_k_limit,
                            max_full_row_positions=self.config.max_full_row_positions,
-                           device=str(self.device), engine=f"transformers {version('transformers')}")
+                           device=str(self.device), engine=f"transformers {version('transformers')}",
+                           max_candidates=self.config.top_k_limit)
 
     # ------------------------------------------------------------------ score
     def score(self, args: ScoreArgs, *,
@@ -173,14 +175,18 @@ class TeacherEngine:
         row_idx, col_idx = torch.cat(rows).to(ids.device), torch.cat(cols).to(ids.device)
         states = hidden[row_idx, col_idx]  # [N, H]
         targets = ids[row_idx, col_idx + 1]  # [N]
-        topk_ids, topk_lp, tok_lp, tail_lp, full = self._head_logprobs(
-            states, targets, args.top_k, args.temperature, args.full_logprobs)
+        cands = (torch.cat([args.candidates[i] for i in batch]).to(ids.device)
+                 if args.candidates is not None else None)  # [N, C]
+        topk_ids, topk_lp, tok_lp, tail_lp, full, cand_lp = self._head_logprobs(
+            states, targets, args.top_k, args.temperature, args.full_logprobs, cands)
+        none = [None] * len(counts)
         out = []
         for chunk in zip(*(t.split(counts) for t in (topk_ids, topk_lp, tok_lp, tail_lp)),
-                         full.split(counts) if full is not None else [None] * len(counts)):
+                         full.split(counts) if full is not None else none,
+                         cand_lp.split(counts) if cand_lp is not None else none):
             out.append(ScoredSequence(topk_ids=chunk[0], topk_logprobs=chunk[1],
                                       token_logprobs=chunk[2], tail_logprobs=chunk[3],
-                                      full_logprobs=chunk[4]))
+                                      full_logprobs=chunk[4], candidate_logprobs=chunk[5]))
         return out
 
     def _logprobs(self, states: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -188,13 +194,14 @@ class TeacherEngine:
         logits = head_logits(self._head, states, self._softcap)
         return torch.log_softmax(temper(logits, temperature), dim=-1)
 
-    def _head_logprobs(self, states, targets, top_k, temperature, full_rows):
+    def _head_logprobs(self, states, targets, top_k, temperature, full_rows, cands=None):
         """Per position: top-k ids and log-probs, the actual token's log-prob, the log mass outside
-        S = top-k ∪ {actual token} (a float32 log-sum-exp over those tokens, so a confident row's
-        tail of 1e-12 stays 1e-12 instead of 1 - sum rounding to 0), and optionally the full row."""
-        parts: list[list[torch.Tensor]] = [[], [], [], [], []]
-        for s, t in zip(states.split(self.config.head_chunk_positions),
-                        targets.split(self.config.head_chunk_positions)):
+        S = top-k ∪ {actual token} ∪ candidates (a float32 log-sum-exp over those tokens, so a
+        confident row's tail of 1e-12 stays 1e-12 instead of 1 - sum rounding to 0), optionally the
+        full row, and the log-probs of the candidate ids `cands` [N, C] when given."""
+        chunk = self.config.head_chunk_positions
+        parts: list[list[torch.Tensor]] = [[], [], [], [], [], []]
+        for j, (s, t) in enumerate(zip(states.split(chunk), targets.split(chunk))):
             lp = self._logprobs(s, temperature)
             vals, idx = lp.topk(top_k, dim=-1) if top_k else (lp[:, :0], lp[:, :0].long())
             parts[0].append(idx.long().cpu())
@@ -202,11 +209,16 @@ class TeacherEngine:
             parts[2].append(lp.gather(-1, t[:, None])[:, 0].cpu())
             if full_rows:
                 parts[4].append(lp.cpu())
+            if cands is not None:
+                c = cands[j * chunk:(j + 1) * chunk]
+                parts[5].append(lp.gather(-1, c).cpu())
+                idx = torch.cat([idx, c], dim=-1)
             parts[3].append(outside_logmass(lp, idx, t).cpu())
-        k = top_k
+        k, width = top_k, 0 if cands is None else cands.shape[-1]
         cat = lambda xs, shape: torch.cat(xs) if xs else torch.empty(shape)  # noqa: E731
         return (cat(parts[0], (0, k)).long(), cat(parts[1], (0, k)), cat(parts[2], (0,)),
-                cat(parts[3], (0,)), cat(parts[4], (0, self.vocab_size)) if full_rows else None)
+                cat(parts[3], (0,)), cat(parts[4], (0, self.vocab_size)) if full_rows else None,
+                cat(parts[5], (0, width)) if cands is not None else None)
 
     # ------------------------------------------------------------------ generate
     def generate(

@@ -6,7 +6,7 @@ Requests are validated exactly as the server validates them.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from .contract import (
     Generation,
@@ -21,6 +21,9 @@ from .contract import (
 )
 from .engine import EngineConfig, TeacherEngine
 
+if TYPE_CHECKING:
+    import torch
+
 
 class LocalTeacher:
     def __init__(self, engine: TeacherEngine) -> None:
@@ -34,9 +37,10 @@ class LocalTeacher:
         return self.engine.info()
 
     def score(self, sequences: Sequence[TokenSeq], score_from: Sequence[int], *, top_k: int,
-              temperature: float = 1.0, full_logprobs: bool = False) -> list[ScoredSequence]:
+              temperature: float = 1.0, full_logprobs: bool = False,
+              candidates: Sequence[torch.Tensor] | None = None) -> list[ScoredSequence]:
         args = ScoreArgs([as_ids(s) for s in sequences], list(score_from), top_k, temperature,
-                         full_logprobs)
+                         full_logprobs, list(candidates) if candidates is not None else None)
         validate_score(args, self.engine.limits)
         return self.engine.score(args)
 

@@ -170,12 +170,15 @@ def generate(
     max_new_tokens: Sequence[int] | None = None,
     cancelled: Callable[[int], bool] | None = None,
     fp32_head: bool = False,
+    on_finished: Callable[[int, Generation], None] | None = None,
 ) -> list[Generation | None]:
     """Continue each prompt; per-row `seeds` / `max_new_tokens` default to params' (seed, i).
 
     Log-probs are under the temperature-scaled distribution before top-k / top-p filtering
     (temperature 1 when greedy), so they equal a Score at the same temperature.
     `cancelled(i)` is polled every step; a cancelled row leaves the batch and returns None.
+    `on_finished(i, generation)` hears each row as soon as it is done (stop id or budget), while
+    the others go on; its generation is the one returned for row i.
     `fp32_head`: run the decoder and apply the output head with `head_logits` (float32 even for
     bf16 / fp16 weights, as the teacher's Score does); otherwise the model's own forward, asked
     for the last position's logits only (`logits_to_keep=1` where the forward takes it).
@@ -193,6 +196,7 @@ def generate(
     out_lp: list[list[torch.Tensor]] = [[] for _ in range(n)]
     out_topk: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
+    done: dict[int, Generation] = {}  # rows already handed to on_finished
     active = list(range(n))  # batch row r holds prompt active[r]
 
     ids, mask = left_pad(prompts, device)
@@ -235,6 +239,10 @@ def generate(
                 finish[i] = "length"
             else:
                 keep.append(r)
+                continue
+            if on_finished is not None:
+                done[i] = _generation(out_ids[i], out_lp[i], out_topk[i], finish[i], params)
+                on_finished(i, done[i])
         if not keep:
             break
         if len(keep) < len(active):
@@ -248,8 +256,8 @@ def generate(
         last_pos = last_pos + 1
         cache, logits = forward(input_ids=tokens[:, None], attention_mask=attention_mask_4d(mask, 1),
                                 position_ids=last_pos[:, None], cache=cache)
-    return [None if finish[i] == "cancelled" else _generation(out_ids[i], out_lp[i], out_topk[i],
-                                                               finish[i] or "length", params)
+    return [None if finish[i] == "cancelled" else done[i] if i in done else
+            _generation(out_ids[i], out_lp[i], out_topk[i], finish[i] or "length", params)
             for i in range(n)]
 
 

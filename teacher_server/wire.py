@@ -74,7 +74,7 @@ def info_to_pb(info: TeacherInfo) -> pb.InfoResponse:
                            max_sequence_length=info.max_sequence_length, dtype=info.dtype,
                            top_k_limit=info.top_k_limit,
                            max_full_row_positions=info.max_full_row_positions, device=info.device,
-                           engine=info.engine)
+                           engine=info.engine, max_candidates=info.max_candidates)
 
 
 def info_from_pb(msg: pb.InfoResponse) -> TeacherInfo:
@@ -82,15 +82,33 @@ def info_from_pb(msg: pb.InfoResponse) -> TeacherInfo:
                        tokenizer_fingerprint=msg.tokenizer_fingerprint,
                        max_sequence_length=msg.max_sequence_length, dtype=msg.dtype,
                        top_k_limit=msg.top_k_limit, max_full_row_positions=msg.max_full_row_positions,
-                       device=msg.device, engine=msg.engine)
+                       device=msg.device, engine=msg.engine, max_candidates=msg.max_candidates)
 
 
 # ---------------------------------------------------------------------- Score
 def score_request_to_pb(args: ScoreArgs) -> pb.ScoreRequest:
-    return pb.ScoreRequest(
-        sequences=[pb.ScoreSequence(token_ids=to_pb(s, torch.int32), score_from=f)
-                   for s, f in zip(args.sequences, args.score_from)],
-        top_k=args.top_k, temperature=args.temperature, return_full_logprobs=args.full_logprobs)
+    sequences = [pb.ScoreSequence(token_ids=to_pb(s, torch.int32), score_from=f)
+                 for s, f in zip(args.sequences, args.score_from)]
+    for msg, c in zip(sequences, args.candidates or ()):
+        msg.candidate_ids.CopyFrom(to_pb(c, torch.int32))
+    return pb.ScoreRequest(sequences=sequences, top_k=args.top_k, temperature=args.temperature,
+                           return_full_logprobs=args.full_logprobs)
+
+
+def candidates_from_pb(msg: pb.ScoreRequest) -> list[torch.Tensor] | None:
+    """Each sequence's candidate ids [n, C] as int64, or None when the request sent none."""
+    given = [s.HasField("candidate_ids") for s in msg.sequences]
+    if not any(given):
+        return None
+    if not all(given):
+        raise InvalidRequest("candidate ids are needed for every sequence of a request, or none")
+    out = []
+    for i, s in enumerate(msg.sequences):
+        c = from_pb(s.candidate_ids, f"sequence {i}'s candidate ids")
+        if c.dtype not in (torch.int32, torch.int64):
+            raise InvalidRequest(f"sequence {i}'s candidate ids must be int32 or int64")
+        out.append(c.long())
+    return out
 
 
 def score_request_from_pb(msg: pb.ScoreRequest) -> ScoreArgs:
@@ -98,7 +116,7 @@ def score_request_from_pb(msg: pb.ScoreRequest) -> ScoreArgs:
         sequences=[ids_from_pb(s.token_ids, f"sequence {i}") for i, s in enumerate(msg.sequences)],
         score_from=[s.score_from for s in msg.sequences], top_k=msg.top_k,
         temperature=msg.temperature if msg.HasField("temperature") else 1.0,
-        full_logprobs=msg.return_full_logprobs)
+        full_logprobs=msg.return_full_logprobs, candidates=candidates_from_pb(msg))
 
 
 def scored_to_pb(s: ScoredSequence) -> pb.ScoredSequence:
@@ -108,6 +126,8 @@ def scored_to_pb(s: ScoredSequence) -> pb.ScoredSequence:
                             tail_logprobs=to_pb(s.tail_logprobs, torch.float32))
     if s.full_logprobs is not None:
         msg.full_logprobs.CopyFrom(to_pb(s.full_logprobs, torch.float32))
+    if s.candidate_logprobs is not None:
+        msg.candidate_logprobs.CopyFrom(to_pb(s.candidate_logprobs, torch.float32))
     return msg
 
 
@@ -120,7 +140,9 @@ def scored_from_pb(msg: pb.ScoredSequence) -> ScoredSequence:
     return ScoredSequence(
         topk_ids=from_pb(msg.topk_ids).long(), topk_logprobs=from_pb(msg.topk_logprobs),
         token_logprobs=from_pb(msg.token_logprobs), tail_logprobs=from_pb(msg.tail_logprobs),
-        full_logprobs=from_pb(msg.full_logprobs) if msg.HasField("full_logprobs") else None)
+        full_logprobs=from_pb(msg.full_logprobs) if msg.HasField("full_logprobs") else None,
+        candidate_logprobs=(from_pb(msg.candidate_logprobs) if msg.HasField("candidate_logprobs")
+                            else None))
 
 
 # ---------------------------------------------------------------------- Generate

@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#distillery/teacher/v1/teacher.proto\x12\x15\x64istillery.teacher.v1\"R\n\x06Tensor\x12+\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1c.distillery.teacher.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\xd6\x01\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x04 \x01(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0btop_k_limit\x18\x06 \x01(\x05\x12\x1e\n\x16max_full_row_positions\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\"U\n\rScoreSequence\x12\x30\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x12\n\nscore_from\x18\x02 \x01(\x05\"\x9e\x01\n\x0cScoreRequest\x12\x37\n\tsequences\x18\x01 \x03(\x0b\x32$.distillery.teacher.v1.ScoreSequence\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1c\n\x14return_full_logprobs\x18\x04 \x01(\x08\x42\x0e\n\x0c_temperature\"\x9a\x02\n\x0eScoredSequence\x12/\n\x08topk_ids\x18\x01 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x34\n\rtopk_logprobs\x18\x02 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x35\n\x0etoken_logprobs\x18\x03 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x34\n\rfull_logprobs\x18\x04 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x34\n\rtail_logprobs\x18\x05 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\"I\n\rScoreResponse\x12\x38\n\tsequences\x18\x01 \x03(\x0b\x32%.distillery.teacher.v1.ScoredSequence\"\x8f\x02\n\x0fGenerateRequest\x12.\n\x07prompts\x18\x01 \x03(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x10\n\x08stop_ids\x18\x06 \x03(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\x08 \x01(\x08\x12\x16\n\x0elogprobs_top_k\x18\t \x01(\x05\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xf3\x01\n\nGeneration\x12\x30\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x35\n\x0etoken_logprobs\x18\x02 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12/\n\x08topk_ids\x18\x03 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x34\n\rtopk_logprobs\x18\x04 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"J\n\x10GenerateResponse\x12\x36\n\x0bgenerations\x18\x01 \x03(\x0b\x32!.distillery.teacher.v1.Generation*z\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_INT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT64\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x11\n\rDTYPE_FLOAT16\x10\x04\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x05\x32\x8b\x02\n\x07Teacher\x12O\n\x04Info\x12\".distillery.teacher.v1.InfoRequest\x1a#.distillery.teacher.v1.InfoResponse\x12R\n\x05Score\x12#.distillery.teacher.v1.ScoreRequest\x1a$.distillery.teacher.v1.ScoreResponse\x12[\n\x08Generate\x12&.distillery.teacher.v1.GenerateRequest\x1a\'.distillery.teacher.v1.GenerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#distillery/teacher/v1/teacher.proto\x12\x15\x64istillery.teacher.v1\"R\n\x06Tensor\x12+\n\x05\x64type\x18\x01 \x01(\x0e\x32\x1c.distillery.teacher.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\r\n\x0bInfoRequest\"\xee\x01\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x03\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x04 \x01(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x13\n\x0btop_k_limit\x18\x06 \x01(\x05\x12\x1e\n\x16max_full_row_positions\x18\x07 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\x0e\n\x06\x65ngine\x18\t \x01(\t\x12\x16\n\x0emax_candidates\x18\n \x01(\x05\"\x8b\x01\n\rScoreSequence\x12\x30\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x12\n\nscore_from\x18\x02 \x01(\x05\x12\x34\n\rcandidate_ids\x18\x03 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\"\x9e\x01\n\x0cScoreRequest\x12\x37\n\tsequences\x18\x01 \x03(\x0b\x32$.distillery.teacher.v1.ScoreSequence\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1c\n\x14return_full_logprobs\x18\x04 \x01(\x08\x42\x0e\n\x0c_temperature\"\xd5\x02\n\x0eScoredSequence\x12/\n\x08topk_ids\x18\x01 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x34\n\rtopk_logprobs\x18\x02 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x35\n\x0etoken_logprobs\x18\x03 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x34\n\rfull_logprobs\x18\x04 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x34\n\rtail_logprobs\x18\x05 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x39\n\x12\x63\x61ndidate_logprobs\x18\x06 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\"I\n\rScoreResponse\x12\x38\n\tsequences\x18\x01 \x03(\x0b\x32%.distillery.teacher.v1.ScoredSequence\"\x8f\x02\n\x0fGenerateRequest\x12.\n\x07prompts\x18\x01 \x03(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x10\n\x08stop_ids\x18\x06 \x03(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x02\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\x08 \x01(\x08\x12\x16\n\x0elogprobs_top_k\x18\t \x01(\x05\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xf3\x01\n\nGeneration\x12\x30\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x35\n\x0etoken_logprobs\x18\x02 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12/\n\x08topk_ids\x18\x03 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x34\n\rtopk_logprobs\x18\x04 \x01(\x0b\x32\x1d.distillery.teacher.v1.Tensor\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\"J\n\x10GenerateResponse\x12\x36\n\x0bgenerations\x18\x01 \x03(\x0b\x32!.distillery.teacher.v1.Generation*z\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_INT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT64\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x11\n\rDTYPE_FLOAT16\x10\x04\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x05\x32\x8b\x02\n\x07Teacher\x12O\n\x04Info\x12\".distillery.teacher.v1.InfoRequest\x1a#.distillery.teacher.v1.InfoResponse\x12R\n\x05Score\x12#.distillery.teacher.v1.ScoreRequest\x1a$.distillery.teacher.v1.ScoreResponse\x12[\n\x08Generate\x12&.distillery.teacher.v1.GenerateRequest\x1a\'.distillery.teacher.v1.GenerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'distillery.teacher.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1582
-  _globals['_DTYPE']._serialized_end=1704
+  _globals['_DTYPE']._serialized_start=1720
+  _globals['_DTYPE']._serialized_end=1842
   _globals['_TENSOR']._serialized_start=62
   _globals['_TENSOR']._serialized_end=144
   _globals['_INFOREQUEST']._serialized_start=146
   _globals['_INFOREQUEST']._serialized_end=159
   _globals['_INFORESPONSE']._serialized_start=162
-  _globals['_INFORESPONSE']._serialized_end=376
-  _globals['_SCORESEQUENCE']._serialized_start=378
-  _globals['_SCORESEQUENCE']._serialized_end=463
-  _globals['_SCOREREQUEST']._serialized_start=466
-  _globals['_SCOREREQUEST']._serialized_end=624
-  _globals['_SCOREDSEQUENCE']._serialized_start=627
-  _globals['_SCOREDSEQUENCE']._serialized_end=909
-  _globals['_SCORERESPONSE']._serialized_start=911
-  _globals['_SCORERESPONSE']._serialized_end=984
-  _globals['_GENERATEREQUEST']._serialized_start=987
-  _globals['_GENERATEREQUEST']._serialized_end=1258
-  _globals['_GENERATION']._serialized_start=1261
-  _globals['_GENERATION']._serialized_end=1504
-  _globals['_GENERATERESPONSE']._serialized_start=1506
-  _globals['_GENERATERESPONSE']._serialized_end=1580
-  _globals['_TEACHER']._serialized_start=1707
-  _globals['_TEACHER']._serialized_end=1974
+  _globals['_INFORESPONSE']._serialized_end=400
+  _globals['_SCORESEQUENCE']._serialized_start=403
+  _globals['_SCORESEQUENCE']._serialized_end=542
+  _globals['_SCOREREQUEST']._serialized_start=545
+  _globals['_SCOREREQUEST']._serialized_end=703
+  _globals['_SCOREDSEQUENCE']._serialized_start=706
+  _globals['_SCOREDSEQUENCE']._serialized_end=1047
+  _globals['_SCORERESPONSE']._serialized_start=1049
+  _globals['_SCORERESPONSE']._serialized_end=1122
+  _globals['_GENERATEREQUEST']._serialized_start=1125
+  _globals['_GENERATEREQUEST']._serialized_end=1396
+  _globals['_GENERATION']._serialized_start=1399
+  _globals['_GENERATION']._serialized_end=1642
+  _globals['_GENERATERESPONSE']._serialized_start=1644
+  _globals['_GENERATERESPONSE']._serialized_end=1718
+  _globals['_TEACHER']._serialized_start=1845
+  _globals['_TEACHER']._serialized_end=2112
 # @@protoc_insertion_point(module_scope)

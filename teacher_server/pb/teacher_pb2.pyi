@@ -37,7 +37,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "tokenizer_fingerprint", "max_sequence_length", "dtype", "top_k_limit", "max_full_row_positions", "device", "engine")
+    __slots__ = ("model_name", "vocab_size", "tokenizer_fingerprint", "max_sequence_length", "dtype", "top_k_limit", "max_full_row_positions", "device", "engine", "max_candidates")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class InfoResponse(_message.Message):
     MAX_FULL_ROW_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     tokenizer_fingerprint: str
@@ -56,15 +57,18 @@ class InfoResponse(_message.Message):
     max_full_row_positions: int
     device: str
     engine: str
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., dtype: _Optional[str] = ..., top_k_limit: _Optional[int] = ..., max_full_row_positions: _Optional[int] = ..., device: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
+    max_candidates: int
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_sequence_length: _Optional[int] = ..., dtype: _Optional[str] = ..., top_k_limit: _Optional[int] = ..., max_full_row_positions: _Optional[int] = ..., device: _Optional[str] = ..., engine: _Optional[str] = ..., max_candidates: _Optional[int] = ...) -> None: ...
 
 class ScoreSequence(_message.Message):
-    __slots__ = ("token_ids", "score_from")
+    __slots__ = ("token_ids", "score_from", "candidate_ids")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORE_FROM_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     token_ids: Tensor
     score_from: int
-    def __init__(self, token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., score_from: _Optional[int] = ...) -> None: ...
+    candidate_ids: Tensor
+    def __init__(self, token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., score_from: _Optional[int] = ..., candidate_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("sequences", "top_k", "temperature", "return_full_logprobs")
@@ -79,18 +83,20 @@ class ScoreRequest(_message.Message):
     def __init__(self, sequences: _Optional[_Iterable[_Union[ScoreSequence, _Mapping]]] = ..., top_k: _Optional[int] = ..., temperature: _Optional[float] = ..., return_full_logprobs: _Optional[bool] = ...) -> None: ...
 
 class ScoredSequence(_message.Message):
-    __slots__ = ("topk_ids", "topk_logprobs", "token_logprobs", "full_logprobs", "tail_logprobs")
+    __slots__ = ("topk_ids", "topk_logprobs", "token_logprobs", "full_logprobs", "tail_logprobs", "candidate_logprobs")
     TOPK_IDS_FIELD_NUMBER: _ClassVar[int]
     TOPK_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FULL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TAIL_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     topk_ids: Tensor
     topk_logprobs: Tensor
     token_logprobs: Tensor
     full_logprobs: Tensor
     tail_logprobs: Tensor
-    def __init__(self, topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., full_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., tail_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    candidate_logprobs: Tensor
+    def __init__(self, topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., token_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., full_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., tail_logprobs: _Optional[_Union[Tensor, _Mapping]] = ..., candidate_logprobs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("sequences",)

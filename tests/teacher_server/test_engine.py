@@ -421,7 +421,8 @@ def test_engine_info(tiny_qwen2):
                                tokenizer_fingerprint=load_tokenizer_fingerprint(tiny_qwen2),
                                max_sequence_length=100, dtype="float32", top_k_limit=16,
                                max_full_row_positions=7, device="cpu",
-                               engine=f"transformers {importlib.metadata.version('transformers')}")
+                               engine=f"transformers {importlib.metadata.version('transformers')}",
+                               max_candidates=16)  # candidate ids per position: its top_k_limit
     # The limit never exceeds what the model can embed.
     assert engine_for(tiny_qwen2, max_sequence_length=10**6).info().max_sequence_length == 512
 
